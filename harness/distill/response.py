@@ -1,0 +1,42 @@
+"""``response``: pixel-wise Hinton KD (Hinton et al. 2015; seeds 000, 001, 002).
+
+    kd = T^2 * mean over pixels (and images) of KL( softmax(t / T) || softmax(s / T) )
+
+KL is summed over classes at each pixel, then averaged over N*H*W pixels; for classification (no spatial
+dims) that is the mean over the batch, so the same formula serves both tasks. The T^2 factor keeps the
+gradient scale independent of T. Where student and teacher logits differ in size, the student's are
+bilinearly resized to the teacher's (as in Knowledge Adaptation, seed 004).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch.nn.functional as F
+from pydantic import Field
+
+from harness.distill.base import KD_METHODS, Distiller, KDConfigBase, match_spatial, require_same_classes
+
+
+class ResponseConfig(KDConfigBase):
+    method: Literal["response"] = "response"
+    temperature: float = Field(4.0, gt=0)
+
+
+def pixel_kl(student_logits, teacher_logits, temperature: float):
+    log_p_s = F.log_softmax(student_logits / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
+    kl = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="none").sum(dim=1)
+    return kl.mean() * temperature**2
+
+
+@KD_METHODS.register(ResponseConfig)
+class ResponseKD(Distiller):
+    uses_teacher_logits = True
+
+    def forward(self, batch):
+        s, t = batch.student_logits.float(), batch.teacher_logits.float()
+        require_same_classes(s, t, "response")
+        if s.dim() == 4:
+            s = match_spatial(s, t)
+        return {"kd": pixel_kl(s, t, self.cfg.temperature)}

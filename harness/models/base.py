@@ -1,0 +1,29 @@
+"""Model registry. Each model module registers a config and a builder(cfg, in_channels, num_classes).
+
+A built model may carry ``kd_layers``: names of its submodules (as in ``named_modules()``), ordered from
+shallow to deep, that feature-based KD methods tap by default.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from harness.registry import Registry
+
+MODELS = Registry("model", "name")
+
+
+class ModelConfigBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def default_kd_layers(model: nn.Module) -> list[str]:
+    layers = getattr(model, "kd_layers", None)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} names no kd_layers; set the layers in the kd block")
+    return list(layers)
