@@ -13,7 +13,7 @@ PORT ?= 5000
 
 SWEEP_ARGS = --study studies/$(STUDY).yaml $(if $(TRIALS),--trials $(TRIALS)) $(if $(WORKERS),--workers $(WORKERS)) $(if $(STORAGE),--storage $(STORAGE))
 
-.PHONY: setup test lint train sweep ui dashboard report bench clean-venv
+.PHONY: setup test lint train sweep worker server ui dashboard report bench data clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ report: setup
 
 ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host $(HOST) --port $(PORT)
+
+data:
+	bash scripts/get-fashion-mnist.sh data
 
 bench: setup
 	$(PY) -m harness bench

@@ -1,0 +1,243 @@
+"""Run one experiment end to end: data, teacher, student, KD method, fit, final evaluation, MLflow run.
+
+Both ``python -m harness train`` and every trial of a study go through ``run_experiment``. Inputs are
+checked (data loaded, teacher resolved, KD method built) before a run is created, so bad input leaves
+nothing half-written in the store.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harness.config import ExperimentConfig, load_experiment
+from harness.data import load_data
+from harness.data.base import DataSplits, TensorSplit
+from harness.distill import KD_METHODS
+from harness.errors import HarnessError
+from harness.evaluate import count_flops, evaluate, ms_per_image
+from harness.models import build_model, count_parameters
+from harness.models.taps import probe_shapes
+from harness.provenance import provenance_tags
+from harness.teacher import CHECKPOINT_NAME, checkpoint_payload, freeze, load_checkpoint, serve_teacher
+from harness.tracking import Run, Tracker
+from harness.train import FitResult, autocast_factory, fit, objective_key, resolve_device
+from harness.visualize import prediction_grid
+
+TEACHER_EXPERIMENT = "teachers"
+
+
+@dataclass
+class Outcome:
+    run_id: str
+    state: str  # finished, diverged, pruned, failed, interrupted
+    metrics: dict[str, float] = field(default_factory=dict)
+    fit: FitResult | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+_DATA: dict[str, DataSplits] = {}
+
+
+def cached_data(cfg: ExperimentConfig, device: torch.device) -> DataSplits:
+    """Load a dataset once per process (a study's trials share it); in-memory splits move to the device."""
+    key = json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True) + str(device)
+    if key not in _DATA:
+        data = load_data(cfg.data)
+        for name in ("train", "val", "test"):
+            split = getattr(data, name)
+            if isinstance(split, TensorSplit):
+                setattr(data, name, split.to(device))
+        _DATA.clear()
+        _DATA[key] = data
+    return _DATA[key]
+
+
+def resolve_teacher(cfg: ExperimentConfig, tracker: Tracker, device: torch.device, data: DataSplits):
+    """The frozen teacher model and a description of where it came from."""
+    spec = cfg.teacher
+    if spec.endswith((".pt", ".pth")):
+        model, payload = load_checkpoint(spec, device)
+        source = f"checkpoint {spec}"
+    else:
+        teacher_cfg = load_experiment(spec)
+        if teacher_cfg.kd.method != "none":
+            raise HarnessError(f"{spec}: a teacher is trained without KD; set its kd.method to none")
+        digest = teacher_cfg.hash()
+        runs = tracker.search(filter_string=f"tags.config_hash = '{digest}' and tags.state = 'finished'")
+        if not runs:
+            print(f"No finished run of teacher {spec} (config hash {digest}) in the store: training it first.")
+            outcome = run_experiment(teacher_cfg, tracker, experiment=TEACHER_EXPERIMENT, role="teacher")
+            if outcome.state != "finished":
+                raise HarnessError(f"training teacher {spec} ended {outcome.state}; fix its recipe and run again")
+            run_id = outcome.run_id
+        else:
+            run_id = runs[0].info.run_id
+        with tempfile.TemporaryDirectory() as tmp:
+            model, payload = load_checkpoint(tracker.download(run_id, CHECKPOINT_NAME, tmp), device)
+        source = f"run {run_id} ({spec})"
+    if payload["num_classes"] != data.num_classes or payload["in_channels"] != data.in_channels:
+        raise HarnessError(
+            f"teacher {spec} was trained for {payload['num_classes']} classes / {payload['in_channels']} input channels "
+            f"but the data has {data.num_classes} / {data.in_channels}; train the teacher on the same dataset"
+        )
+    return model, source, payload["config"]
+
+
+def build_distiller(cfg: ExperimentConfig, student, teacher, data: DataSplits, device):
+    distiller = KD_METHODS.build(cfg.kd)
+    if teacher is None:
+        return distiller
+    try:
+        distiller.choose_layers(getattr(student, "kd_layers", []), getattr(teacher, "kd_layers", []))
+        example = data.train[: min(2, len(data.train))][0] if isinstance(data.train, TensorSplit) else torch.stack(
+            [data.train[i][0] for i in range(2)]
+        )
+        example = example.to(device)
+        distiller.setup(probe_shapes(student, distiller.student_layers, example), probe_shapes(teacher, distiller.teacher_layers, example))
+    except ValueError as exc:
+        raise HarnessError(f"kd.method '{cfg.kd.method}': {exc}") from None
+    return distiller.to(device)
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    tracker: Tracker,
+    *,
+    experiment: str,
+    run_name: str | None = None,
+    parent_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    stop_states: dict[type, str] | None = None,
+    progress=None,
+    role: str = "model",
+) -> Outcome:
+    """Train and evaluate ``cfg`` as one MLflow run.
+
+    ``stop_states`` maps exception types raised by ``on_epoch`` to the state they record (the study maps
+    Optuna's TrialPruned to "pruned"); the exception is re-raised after the run is closed.
+    """
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed)
+    data = cached_data(cfg, device)
+    teacher = teacher_source = None
+    teacher_cfg = None
+    if cfg.teacher and cfg.kd.method != "none":
+        teacher, teacher_source, teacher_cfg = resolve_teacher(cfg, tracker, device, data)
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg.model, data.in_channels, data.num_classes).to(device)
+    if device.type == "cuda" and cfg.train.channels_last and data.task == "segmentation":
+        model = model.to(memory_format=torch.channels_last)
+    distiller = build_distiller(cfg, model, teacher, data, device)
+    autocast = autocast_factory(device, cfg.train.amp)
+    server, served = None, ""
+    if teacher is not None:
+        key = (json.dumps(teacher_cfg, sort_keys=True), json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True))
+        server, served = serve_teacher(freeze(teacher), distiller.teacher_layers, data, cfg.train, device, autocast, key)
+
+    run = tracker.start_run(
+        experiment,
+        run_name or cfg.name,
+        parent_id=parent_id,
+        tags={"config_hash": cfg.hash(), "role": role, "state": "running", "kd.method": cfg.kd.method, **(tags or {})},
+    )
+    try:
+        run.log_params({**cfg.flat(), "seed": cfg.train.seed})
+        run.log_yaml(cfg.model_dump(mode="json"), "config.yaml")
+        run.set_tags({**provenance_tags(device), "teacher.source": teacher_source or "none", "teacher.outputs": served or "none"})
+        prep = distiller.prepare(_teacher_batches(server, data, cfg, device), device) if server else {}
+        student_params = count_parameters(model)
+        run.log_metrics({"params": student_params, "kd_params": distiller.extra_parameters(), **prep})
+
+        def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            run.log_metrics(metrics, step=epoch)
+            if on_epoch:
+                on_epoch(epoch, metrics)
+
+        result = fit(model, data, cfg, device=device, distiller=distiller, teacher=server, on_epoch=log_epoch, progress=progress)
+        if result.state == "diverged":
+            run.log_metrics({k: v for k, v in result.history[-1].items() if k != "epoch"}, step=result.diverged_at)
+            run.set_tags({"failure": f"diverged: training loss not finite at epoch {result.diverged_at}"})
+            run.end("diverged")
+            return Outcome(run.id, "diverged", {}, result)
+        final = finalize(run, model, data, cfg, result, device, autocast)
+        run.end("finished")
+        return Outcome(run.id, "finished", final, result)
+    except BaseException as exc:
+        state = next((s for t, s in (stop_states or {}).items() if isinstance(exc, t)), None)
+        if state is None:
+            state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        if state in ("failed", "interrupted"):
+            run.log_text(traceback.format_exc(), "traceback.txt")
+            run.set_tags({"failure": f"{type(exc).__name__}: {str(exc)[:400]}"})
+        run.end(state)
+        raise
+
+
+def _teacher_batches(server, data: DataSplits, cfg: ExperimentConfig, device):
+    from harness.data.loader import iterate_batches
+    from harness.distill.base import KDBatch
+
+    def batches():
+        for x, y, idx in iterate_batches(data.train, cfg.train.batch_size, device=device, shuffle=False):
+            logits, feats = server(x, idx)
+            yield KDBatch(torch.empty(0), y, logits, {}, feats, data.ignore_index)
+
+    return batches
+
+
+def finalize(run: Run, model, data: DataSplits, cfg: ExperimentConfig, result: FitResult, device, autocast) -> dict[str, float]:
+    """Test metrics of the best-validation epoch, cost measures, checkpoint and prediction grid."""
+    kwargs = dict(task=data.task, num_classes=data.num_classes, ignore_index=data.ignore_index, device=device, autocast=autocast)
+    test = evaluate(model, data.test, batch_size=64, **kwargs)
+    key = objective_key(data.task)
+    example = _examples(data.val, 1, device)[0]
+    final = {
+        **{f"val/{k}": v for k, v in result.best_val.items()},
+        **{f"test/{k}": v for k, v in test.items()},
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "train_images_per_s": result.train_images_per_s,
+        "train_ms_per_image": 1000.0 / result.train_images_per_s if result.train_images_per_s else 0.0,
+        "flops": count_flops(model, example),
+        "ms_per_image": ms_per_image(model, example, autocast=autocast),
+        "train/loss_final": result.history[-1]["train/loss"],
+        "train/loss_best_epoch": result.history[result.best_epoch]["train/loss"],
+        "objective": test[key],
+    }
+    run.log_metrics(final)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / CHECKPOINT_NAME
+        torch.save(checkpoint_payload(model, cfg, data), path)
+        run.log_file(path)
+    if data.task == "segmentation":
+        images, targets = _examples(data.val, 4, device)
+        with torch.no_grad(), autocast():
+            preds = model.eval()(images).argmax(1)
+        import matplotlib.pyplot as plt
+
+        fig = prediction_grid(images, targets, preds, data.num_classes, data.ignore_index)
+        run.log_figure(fig, "predictions.png")
+        plt.close(fig)
+    return final
+
+
+def _examples(split, n: int, device):
+    if isinstance(split, TensorSplit):
+        return split.images[:n].to(device), split.targets[:n].to(device)
+    items = [split[i] for i in range(min(n, len(split)))]
+    return torch.stack([x for x, _ in items]).to(device), torch.stack([y for _, y in items]).to(device)

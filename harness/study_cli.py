@@ -1,0 +1,106 @@
+"""``python -m harness sweep`` (run a study, optionally with several local workers) and ``worker`` (join one)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from harness.errors import HarnessError
+
+
+def register(sub) -> None:
+    sweep = sub.add_parser("sweep", help="run (or resume) the Optuna study of a study file")
+    _common(sweep)
+    sweep.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
+    sweep.set_defaults(func=cmd_sweep)
+
+    worker = sub.add_parser("worker", help="join a study as one worker (scale-out: many machines, one storage)")
+    _common(worker)
+    worker.add_argument("--worker-index", type=int, default=None, help="distinguishes workers' sampler seeds")
+    worker.add_argument("--heartbeat", type=int, default=None, help="RDB storage heartbeat seconds (default 30 for RDB)")
+    worker.set_defaults(func=cmd_worker)
+
+
+def _common(p) -> None:
+    p.add_argument("--study", required=True, help="study file, e.g. studies/quickstart.yaml")
+    p.add_argument("--trials", type=int, help="override budget.trials")
+    p.add_argument("--timeout", type=float, help="override budget.timeout (seconds)")
+    p.add_argument("--storage", help="Optuna storage: a journal file (default mlruns/optuna/journal.log) or an RDB URL")
+    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
+    p.add_argument("--quiet", action="store_true", help="no live display")
+
+
+def _prepare(args):
+    """Validate everything, then resolve the teacher and the parent run. Nothing is written before validation."""
+    from harness.study_config import load_study
+
+    study = load_study(args.study)
+    if args.trials is not None:
+        study.budget.trials = args.trials
+    if args.timeout is not None:
+        study.budget.timeout = args.timeout
+    return study
+
+
+def _is_rdb(url: str | None) -> bool:
+    return bool(url) and "://" in url
+
+
+def cmd_sweep(args) -> int:
+    from harness.sweep import ensure_teacher, finish_parent, open_parent
+    from harness.tracking import Tracker
+
+    study = _prepare(args)
+    tracker = Tracker(args.tracking_uri)
+    ensure_teacher(study, tracker)
+    parent = open_parent(tracker, study, args.storage)
+    if args.workers <= 1:
+        from harness.sweep import run_in_process
+
+        state = run_in_process(study, tracker, parent, args.storage, quiet=args.quiet)
+    else:
+        state = run_local_workers(study, tracker, parent, args)
+    return finish_parent(study, tracker, parent, args.storage, state)
+
+
+def cmd_worker(args) -> int:
+    from harness.sweep import open_parent, run_in_process
+    from harness.tracking import Tracker
+
+    study = _prepare(args)
+    tracker = Tracker(args.tracking_uri)
+    parent = open_parent(tracker, study, args.storage, reopen=False)
+    heartbeat = args.heartbeat if args.heartbeat is not None else (30 if _is_rdb(args.storage) else None)
+    worker = args.worker_index if args.worker_index is not None else os.getpid()
+    state = run_in_process(study, tracker, parent, args.storage, quiet=args.quiet, heartbeat=heartbeat, worker=worker)
+    return 0 if state in ("finished", "spent") else (130 if state == "interrupted" else 1)
+
+
+def run_local_workers(study, tracker, parent, args) -> str:
+    """Several worker processes on this machine. With the local SQLite MLflow store they log through one
+    ``mlflow server`` process (SQLite does not take concurrent writers well)."""
+    from harness.sweep import watch
+    from harness.tracking_server import local_server
+
+    with local_server(tracker.uri) as uri:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+        cmd = [sys.executable, "-m", "harness", "worker", "--study", args.study, "--quiet"]
+        for flag, value in (("--storage", args.storage), ("--trials", study.budget.trials), ("--timeout", study.budget.timeout)):
+            if value is not None:
+                cmd += [flag, str(value)]
+        procs = [subprocess.Popen([*cmd, "--worker-index", str(i)], env=env) for i in range(args.workers)]
+        try:
+            watch(study, args.storage, lambda: all(p.poll() is not None for p in procs), quiet=args.quiet)
+        except KeyboardInterrupt:
+            for p in procs:
+                p.send_signal(2)
+            for p in procs:
+                p.wait(timeout=60)
+            return "interrupted"
+        codes = [p.wait() for p in procs]
+    if any(c not in (0,) for c in codes):
+        raise HarnessError(f"worker exit codes {codes}; see their output above")
+    time.sleep(0)
+    return "finished"

@@ -1,0 +1,206 @@
+"""Study files: which experiment and teacher, the search space, objective, constraints, sampler, pruner,
+budget and seeds. Validated completely before anything is written to MLflow or Optuna storage."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from harness.config import apply_overrides, build_experiment, describe_validation_error, read_yaml
+from harness.errors import ConfigError
+
+FINAL_METRICS = ("params", "kd_params", "flops", "ms_per_image", "train_images_per_s", "train_ms_per_image", "best_epoch")
+METRIC_PREFIXES = ("val/", "test/")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Param(_Strict):
+    """One search dimension: ``choices`` (categorical) or ``low``/``high`` (int or float, optionally log).
+
+    ``when`` makes it conditional: it is sampled only when every named key has one of the given values
+    (e.g. ``when: {kd.method: [response, cwd]}``).
+    """
+
+    choices: list[Any] | None = None
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool = False
+    step: int | float | None = None
+    type: Literal["int", "float"] | None = None
+    when: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.choices is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either choices or low/high, not both")
+            if not self.choices:
+                raise ValueError("choices is empty; list at least one value")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("needs choices, or both low and high")
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) is above high ({self.high}); swap them")
+        if self.log and self.low <= 0:
+            raise ValueError("log scale needs low > 0")
+        if self.log and self.step is not None:
+            raise ValueError("log and step cannot be combined; drop one")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """categorical, int (explicit, or low and high both written as integers) or float."""
+        if self.choices is not None:
+            return "categorical"
+        if self.type:
+            return self.type
+        ints = all(isinstance(v, int) for v in (self.low, self.high, self.step) if v is not None)
+        return "int" if ints else "float"
+
+    def active(self, values: dict[str, Any]) -> bool:
+        for key, wanted in self.when.items():
+            allowed = wanted if isinstance(wanted, list) else [wanted]
+            if values.get(key) not in allowed:
+                return False
+        return True
+
+    def example_values(self) -> list[Any]:
+        if self.choices is not None:
+            return list(self.choices)
+        cast = int if self.kind == "int" else float
+        return [cast(self.low), cast(self.high)]
+
+
+class Objective(_Strict):
+    metric: str = "val/miou"
+    direction: Literal["maximize", "minimize"] = "maximize"
+
+    @field_validator("metric")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if not (v.startswith(METRIC_PREFIXES) or v in FINAL_METRICS):
+            raise ValueError(f"unknown metric {v!r}; use val/<metric>, test/<metric> or one of {list(FINAL_METRICS)}")
+        return v
+
+
+class Constraint(_Strict):
+    metric: str
+    max: float | None = None
+    min: float | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.max is None) == (self.min is None):
+            raise ValueError("a constraint needs exactly one of max or min")
+        Objective(metric=self.metric)
+        return self
+
+    def violation(self, value: float) -> float:
+        """<= 0 when satisfied, as Optuna's constraints_func expects."""
+        return value - self.max if self.max is not None else self.min - value
+
+
+class Sampler(_Strict):
+    name: Literal["tpe", "random", "grid"] = "tpe"
+    seed: int | None = 0
+    startup_trials: int = Field(5, ge=0, description="tpe: random trials before TPE takes over")
+
+
+class Pruner(_Strict):
+    name: Literal["none", "median", "hyperband"] = "none"
+    warmup_epochs: int = Field(1, ge=0)
+    startup_trials: int = Field(3, ge=0)
+
+
+class Budget(_Strict):
+    trials: int | None = Field(None, ge=1)
+    timeout: float | None = Field(None, gt=0, description="seconds")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.trials is None and self.timeout is None:
+            raise ValueError("set budget.trials or budget.timeout (or both)")
+        return self
+
+
+class StudyConfig(_Strict):
+    name: str
+    experiment: str
+    teacher: str | None = None
+    objective: Objective = Field(default_factory=Objective)
+    constraints: list[Constraint] = Field(default_factory=list)
+    budget: Budget
+    sampler: Sampler = Field(default_factory=Sampler)
+    pruner: Pruner = Field(default_factory=Pruner)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    fixed: dict[str, Any] = Field(default_factory=dict)
+    search: dict[str, Param] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("seeds has duplicates; list each seed once")
+        overlap = set(self.fixed) & set(self.search)
+        if overlap:
+            raise ValueError(f"{sorted(overlap)} both fixed and searched; keep it in one of them")
+        for key, param in self.search.items():
+            unknown = [k for k in param.when if k not in self.search and k not in self.fixed]
+            if unknown:
+                raise ValueError(f"search.{key}.when refers to {unknown}, which is neither searched nor fixed")
+        if self.sampler.name == "grid":
+            bad = [k for k, p in self.search.items() if p.choices is None or p.when]
+            if bad:
+                raise ValueError(f"the grid sampler needs plain choices for every parameter; {bad} are ranges or conditional")
+        if self.pruner.name != "none" and self.objective.metric.startswith("test/"):
+            raise ValueError("pruning reads the per-epoch validation metric; optimise a val/ metric or set pruner.name: none")
+        return self
+
+    def grid(self) -> dict[str, list[Any]]:
+        return {k: list(p.choices) for k, p in self.search.items()}
+
+    def overrides(self, params: dict[str, Any]) -> dict[str, Any]:
+        out = dict(self.fixed)
+        if self.teacher:
+            out["teacher"] = self.teacher
+        out.update(params)
+        return out
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    """Read and fully validate a study file; every problem is reported as `file: key: message`."""
+    path = Path(path)
+    tree = read_yaml(path)
+    tree.setdefault("name", path.stem)
+    try:
+        study = StudyConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(str(path), exc)) from None
+    if not Path(study.experiment).is_file():
+        raise ConfigError(f"{path}: experiment: file {study.experiment} not found; point it at a file in experiments/")
+    if study.teacher and not Path(study.teacher).is_file():
+        raise ConfigError(f"{path}: teacher: file {study.teacher} not found; point it at an experiment file or checkpoint")
+    check_search_space(study, str(path))
+    return study
+
+
+def check_search_space(study: StudyConfig, source: str) -> None:
+    """Build the experiment config at every combination of categorical values and at the ends of every
+    range, so a misspelt key or an impossible value fails now rather than in trial 17."""
+    base = read_yaml(study.experiment)
+    base.setdefault("name", Path(study.experiment).stem)
+    keys = list(study.search)
+    for combo in itertools.islice(itertools.product(*(study.search[k].example_values() for k in keys)), 512):
+        values = {**study.fixed, **dict(zip(keys, combo))}
+        params = {k: v for k, v in zip(keys, combo) if study.search[k].active(values)}
+        tree = apply_overrides(base, study.overrides(params))
+        try:
+            build_experiment(tree, source)
+        except ConfigError as exc:
+            first = str(exc).splitlines()[0]
+            raise ConfigError(f"{first} (with {params or 'the fixed values'}); fix search/fixed in the study file") from None

@@ -1,0 +1,115 @@
+"""Teachers: loading a trained one, and serving its outputs to the trainer live or from a cache.
+
+A teacher is named by an experiment file (trained once, then found again in MLflow by its config hash) or
+by a checkpoint file. During training the distiller receives the teacher's logits and tapped features; when
+the training inputs are the same every epoch these are computed once, stored in bf16 on the device and
+looked up by sample index, across epochs and across the trials of one process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from harness.data.base import DataSplits
+from harness.data.loader import fixed_inputs, iterate_batches
+from harness.errors import HarnessError
+from harness.models import build_model
+from harness.models.taps import FeatureTap
+
+CHECKPOINT_NAME = "model.pt"
+
+
+def checkpoint_payload(model: nn.Module, cfg, data: DataSplits) -> dict:
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "in_channels": data.in_channels,
+        "num_classes": data.num_classes,
+    }
+
+
+def load_checkpoint(path: str | Path, device: torch.device) -> tuple[nn.Module, dict]:
+    from harness.config import build_experiment
+
+    path = Path(path)
+    if not path.is_file():
+        raise HarnessError(f"teacher checkpoint {path} not found; give an existing .pt file or an experiment file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        cfg = build_experiment(payload["config"], str(path))
+        model = build_model(cfg.model, payload["in_channels"], payload["num_classes"])
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, RuntimeError) as exc:
+        raise HarnessError(f"{path}: not a kd-harness checkpoint ({exc}); use a model.pt logged by a harness run") from None
+    return freeze(model.to(device)), payload
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class LiveTeacher:
+    """Runs the frozen teacher on each batch under no_grad."""
+
+    def __init__(self, model: nn.Module, layers: list[str], autocast):
+        self.model, self.layers, self.autocast = model, layers, autocast
+        self.tap = FeatureTap(model, layers)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor):
+        with self.tap, self.autocast():
+            logits = self.model(x)
+        return logits, dict(self.tap.features)
+
+
+class CachedTeacher:
+    """The teacher's outputs for every training sample, computed once and stored in bf16."""
+
+    def __init__(self, live: LiveTeacher, split, device: torch.device, batch_size: int):
+        self.store: dict[str, torch.Tensor] = {}
+        for x, _, idx in iterate_batches(split, batch_size, device=device, shuffle=False):
+            logits, feats = live(x, idx)
+            for name, value in {"__logits__": logits, **feats}.items():
+                if name not in self.store:
+                    self.store[name] = torch.empty((len(split), *value.shape[1:]), dtype=torch.bfloat16, device=device)
+                self.store[name][idx.to(device)] = value.to(torch.bfloat16)
+
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor):
+        idx = idx.to(self.store["__logits__"].device)
+        feats = {k: v[idx].float() for k, v in self.store.items() if k != "__logits__"}
+        return self.store["__logits__"][idx].float(), feats
+
+
+def cache_bytes(live: LiveTeacher, split, device: torch.device) -> int:
+    x, _, idx = next(iterate_batches(split, 1, device=device, shuffle=False))
+    logits, feats = live(x, idx)
+    per_sample = logits.numel() + sum(f.numel() for f in feats.values())
+    return per_sample * 2 * len(split)
+
+
+_CACHE: dict[tuple, CachedTeacher] = {}
+
+
+def serve_teacher(model: nn.Module, layers: list[str], data: DataSplits, train_cfg, device, autocast, key: tuple):
+    """A callable (x, idx) -> (logits, features): cached when inputs are fixed and it fits, live otherwise.
+
+    Returns the server and a short description for the run's tags.
+    """
+    live = LiveTeacher(model, layers, autocast)
+    if not train_cfg.teacher_cache or not fixed_inputs(data.train):
+        return live, "live"
+    full_key = (*key, tuple(layers), str(device))
+    if full_key in _CACHE:
+        return _CACHE[full_key], "cached (reused)"
+    need = cache_bytes(live, data.train, device)
+    if need > train_cfg.teacher_cache_gb * 2**30:
+        return live, f"live (cache would need {need / 2**30:.1f} GB > train.teacher_cache_gb)"
+    _CACHE.clear()  # keep one study's cache at a time
+    _CACHE[full_key] = CachedTeacher(live, data.train, device, max(train_cfg.batch_size, 64))
+    return _CACHE[full_key], "cached"
