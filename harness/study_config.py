@@ -149,10 +149,15 @@ class StudyConfig(_Strict):
         overlap = set(self.fixed) & set(self.search)
         if overlap:
             raise ValueError(f"{sorted(overlap)} both fixed and searched; keep it in one of them")
+        seen = set(self.fixed)
         for key, param in self.search.items():
             unknown = [k for k in param.when if k not in self.search and k not in self.fixed]
             if unknown:
                 raise ValueError(f"search.{key}.when refers to {unknown}, which is neither searched nor fixed")
+            later = [k for k in param.when if k not in seen]
+            if later:
+                raise ValueError(f"search.{key}.when depends on {later}; list {later} above {key} in search")
+            seen.add(key)
         if self.sampler.name == "grid":
             bad = [k for k, p in self.search.items() if p.choices is None or p.when]
             if bad:
