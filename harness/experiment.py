@@ -29,7 +29,7 @@ from harness.models.taps import probe_shapes
 from harness.provenance import provenance_tags
 from harness.teacher import CHECKPOINT_NAME, checkpoint_payload, freeze, load_checkpoint, serve_teacher
 from harness.tracking import Run, Tracker
-from harness.train import FitResult, autocast_factory, fit, objective_key, resolve_device
+from harness.train import FitResult, autocast_factory, fit, resolve_device
 from harness.visualize import prediction_grid
 
 TEACHER_EXPERIMENT = "teachers"
@@ -204,7 +204,6 @@ def finalize(run: Run, model, data: DataSplits, cfg: ExperimentConfig, result: F
     """Test metrics of the best-validation epoch, cost measures, checkpoint and prediction grid."""
     kwargs = dict(task=data.task, num_classes=data.num_classes, ignore_index=data.ignore_index, device=device, autocast=autocast)
     test = evaluate(model, data.test, batch_size=64, **kwargs)
-    key = objective_key(data.task)
     example = _examples(data.val, 1, device)[0]
     final = {
         **{f"val/{k}": v for k, v in result.best_val.items()},
@@ -217,9 +216,8 @@ def finalize(run: Run, model, data: DataSplits, cfg: ExperimentConfig, result: F
         "ms_per_image": ms_per_image(model, example, autocast=autocast),
         "train/loss_final": result.history[-1]["train/loss"],
         "train/loss_best_epoch": result.history[result.best_epoch]["train/loss"],
-        "objective": test[key],
     }
-    run.log_metrics(final)
+    run.log_metrics(final, step=len(result.history))  # one step past the last epoch: the selected model
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / CHECKPOINT_NAME
         torch.save(checkpoint_payload(model, cfg, data), path)

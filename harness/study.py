@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from harness.study_config import StudyConfig
 from harness.tracking import Tracker
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 log = logging.getLogger(__name__)
 
 DEFAULT_JOURNAL = "mlruns/optuna/journal.log"

@@ -123,6 +123,7 @@ def fit(
     result = FitResult(state="finished")
     best_value, best_state, stale = -math.inf, None, 0
     images_seen, train_seconds = 0, 0.0
+    drop_last = len(data.train) > tc.batch_size  # a last batch of one breaks batch norm in training mode
 
     tap = FeatureTap(model, distiller.student_layers)
     with tap:
@@ -135,7 +136,7 @@ def fit(
             n_batches = 0
             start = time.perf_counter()
             for x, y, idx in iterate_batches(
-                data.train, tc.batch_size, device=device, shuffle=True, generator=generator
+                data.train, tc.batch_size, device=device, shuffle=True, generator=generator, drop_last=drop_last
             ):
                 with autocast():
                     logits = model(x)
