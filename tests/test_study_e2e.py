@@ -1,0 +1,88 @@
+"""A real tiny study through Optuna (journal storage) and MLflow (SQLite): parent and child runs, a pruned
+and a diverged trial, seeds averaged, the teacher trained once, and resuming."""
+
+from __future__ import annotations
+
+import statistics
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from harness.cli import main
+from tests.conftest import write_yaml
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def study_file(tmp_path, tiny_experiment):
+    # GridSampler(seed=1) visits lr 0.05 (learns), then 1e30 (diverges), then 1e-12 (frozen at its
+    # initial weights: pruned against the first trial's curve by the median pruner).
+    return write_yaml(tmp_path / "studies" / "e2e.yaml", {
+        "experiment": str(tiny_experiment),
+        "objective": {"metric": "val/miou", "direction": "maximize"},
+        "budget": {"trials": 3},
+        "sampler": {"name": "grid", "seed": 1},
+        "pruner": {"name": "median", "warmup_epochs": 0, "startup_trials": 1},
+        "seeds": [0, 1],
+        "fixed": {"kd.method": "response", "kd.temperature": 2.0},
+        "search": {"train.lr": {"choices": [0.05, 1.0e-12, 1.0e30]}},
+    })
+
+
+def runs_by_role(client, experiment: str) -> dict[str, list]:
+    exp = client.get_experiment_by_name(experiment)
+    out: dict[str, list] = {}
+    for run in client.search_runs([exp.experiment_id], max_results=1000):
+        out.setdefault(run.data.tags.get("role"), []).append(run)
+    return out
+
+
+def test_study_end_to_end_with_resume(tmp_path, store, study_file):
+    journal = str(tmp_path / "journal.log")
+    args = ["sweep", "--study", str(study_file), "--storage", journal, "--quiet"]
+    assert main([*args, "--trials", "2"]) == 0  # stop after two trials ...
+    assert main(args) == 0  # ... and resume to the budget of three
+
+    study = optuna.load_study(study_name="e2e", storage=optuna.storages.journal.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(journal)))
+    trials = sorted(study.get_trials(), key=lambda t: t.number)
+    assert [t.params["train.lr"] for t in trials] == [0.05, 1e30, 1e-12]
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
+                                         optuna.trial.TrialState.PRUNED]
+    assert trials[1].user_attrs["state"] == "diverged"
+
+    client = MlflowClient(store)
+    roles = runs_by_role(client, "e2e")
+    (parent,) = roles["study"]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["trials_finished"] == 1 and parent.data.metrics["trials_pruned"] == 1
+    assert parent.data.metrics["trials_diverged"] == 1
+
+    trial_runs = {int(r.data.tags["optuna.trial"]): r for r in roles["trial"]}
+    assert sorted(trial_runs) == [0, 1, 2]  # resuming did not train a trial twice
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trial_runs.values())
+    status = {n: (r.info.status, r.data.tags["state"]) for n, r in trial_runs.items()}
+    assert status == {0: ("FINISHED", "finished"), 1: ("FAILED", "diverged"), 2: ("KILLED", "pruned")}
+    assert "diverged" in trial_runs[1].data.tags["failure"]
+    assert trial_runs[0].data.params["train.lr"] == "0.05" and trial_runs[0].data.params["kd.method"] == "response"
+
+    # the finished trial's metrics are the mean and spread of its two seed runs
+    seeds = [r for r in roles["seed"] if r.data.tags["mlflow.parentRunId"] == trial_runs[0].info.run_id]
+    assert sorted(r.data.tags["seed"] for r in seeds) == ["0", "1"]
+    per_seed = [r.data.metrics["val/miou"] for r in seeds]
+    assert trial_runs[0].data.metrics["val/miou"] == pytest.approx(statistics.fmean(per_seed))
+    assert trial_runs[0].data.metrics["val/miou_std"] == pytest.approx(statistics.stdev(per_seed))
+    assert trials[0].value == pytest.approx(statistics.fmean(per_seed))
+    for run in seeds:
+        history = client.get_metric_history(run.info.run_id, "train/kd")
+        assert [m.step for m in history] == [0, 1]  # the KD term per epoch
+        assert run.data.metrics["params"] > 0 and run.data.metrics["ms_per_image"] > 0
+        assert run.data.tags["teacher.source"].startswith("run ")
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "model.pt", "predictions.png"}
+
+    # the teacher was trained once, before the trials, and reused by all of them
+    teacher_runs = runs_by_role(client, "teachers")["teacher"]
+    assert len(teacher_runs) == 1
+    assert all(teacher_runs[0].info.run_id in r.data.tags["teacher.source"] for r in roles["seed"])
