@@ -35,8 +35,12 @@ train: setup
 sweep: setup
 	$(PY) -m harness sweep $(SWEEP_ARGS)
 
+REPORT ?= all
 report: setup
-	$(PY) -m harness.report --study $(if $(filter-out quickstart,$(STUDY)),$(STUDY),all)
+	$(PY) -m harness.report --study $(REPORT)
+
+dashboard: setup
+	$(VENV)/bin/optuna-dashboard $(if $(STORAGE),$(STORAGE),mlruns/optuna/journal.log) --host $(HOST) --port 8080
 
 ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host $(HOST) --port $(PORT)
