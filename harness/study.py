@@ -134,7 +134,7 @@ def sample(trial: optuna.Trial, study: StudyConfig) -> dict[str, Any]:
             v = trial.suggest_int(key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
         else:
             v = trial.suggest_float(key, float(p.low), float(p.high), step=p.step, log=p.log)
-        values[key] = params[key] = v
+        values[p.target(key)] = params[key] = v
     return params
 
 

@@ -24,9 +24,11 @@ class Param(_Strict):
     """One search dimension: ``choices`` (categorical) or ``low``/``high`` (int or float, optionally log).
 
     ``when`` makes it conditional: it is sampled only when every named key has one of the given values
-    (e.g. ``when: {kd.method: [response, cwd]}``).
+    (e.g. ``when: {kd.method: [response, cwd]}``). ``key`` sets a different config key than the entry's
+    name, so one key can have a different range per condition (``fitnet_beta: {key: kd.beta, ...}``).
     """
 
+    key: str | None = None
     choices: list[Any] | None = None
     low: int | float | None = None
     high: int | float | None = None
@@ -62,6 +64,9 @@ class Param(_Strict):
             return self.type
         ints = all(isinstance(v, int) for v in (self.low, self.high, self.step) if v is not None)
         return "int" if ints else "float"
+
+    def target(self, name: str) -> str:
+        return self.key or name
 
     def active(self, values: dict[str, Any]) -> bool:
         for key, wanted in self.when.items():
@@ -146,18 +151,19 @@ class StudyConfig(_Strict):
     def _check(self):
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError("seeds has duplicates; list each seed once")
-        overlap = set(self.fixed) & set(self.search)
+        overlap = set(self.fixed) & {p.target(k) for k, p in self.search.items()}
         if overlap:
             raise ValueError(f"{sorted(overlap)} both fixed and searched; keep it in one of them")
+        targets = {p.target(k) for k, p in self.search.items()}
         seen = set(self.fixed)
         for key, param in self.search.items():
-            unknown = [k for k in param.when if k not in self.search and k not in self.fixed]
+            unknown = [k for k in param.when if k not in targets and k not in self.fixed]
             if unknown:
                 raise ValueError(f"search.{key}.when refers to {unknown}, which is neither searched nor fixed")
             later = [k for k in param.when if k not in seen]
             if later:
                 raise ValueError(f"search.{key}.when depends on {later}; list {later} above {key} in search")
-            seen.add(key)
+            seen.add(param.target(key))
         if self.sampler.name == "grid":
             bad = [k for k, p in self.search.items() if p.choices is None or p.when]
             if bad:
@@ -170,10 +176,11 @@ class StudyConfig(_Strict):
         return {k: list(p.choices) for k, p in self.search.items()}
 
     def overrides(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Experiment overrides for sampled ``params`` (keyed by search entry name)."""
         out = dict(self.fixed)
         if self.teacher:
             out["teacher"] = self.teacher
-        out.update(params)
+        out.update({self.search[k].target(k) if k in self.search else k: v for k, v in params.items()})
         return out
 
 
@@ -201,8 +208,11 @@ def check_search_space(study: StudyConfig, source: str) -> None:
     base.setdefault("name", Path(study.experiment).stem)
     keys = list(study.search)
     for combo in itertools.islice(itertools.product(*(study.search[k].example_values() for k in keys)), 512):
-        values = {**study.fixed, **dict(zip(keys, combo))}
-        params = {k: v for k, v in zip(keys, combo) if study.search[k].active(values)}
+        params: dict[str, Any] = {}
+        values = dict(study.fixed)
+        for k, v in zip(keys, combo):
+            if study.search[k].active(values):
+                params[k] = values[study.search[k].target(k)] = v
         tree = apply_overrides(base, study.overrides(params))
         try:
             build_experiment(tree, source)

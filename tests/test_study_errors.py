@@ -76,3 +76,15 @@ def test_not_yaml_and_not_a_mapping(tmp_path, store, capsys):
     path.write_text("- a\n- b\n")
     assert main(["sweep", "--study", str(path), "--quiet"]) == 2
     assert "expected a mapping" in capsys.readouterr().err
+
+
+def test_every_shipped_study_file_validates():
+    from pathlib import Path
+
+    from harness.study_config import load_study
+
+    files = sorted(Path("studies").glob("*.yaml"))
+    assert len(files) >= 9
+    for path in files:
+        study = load_study(path)
+        assert study.budget.trials and study.search, path

@@ -84,13 +84,20 @@ class AdaptationKD(Distiller):
         super().__init__(cfg)
         self.register_buffer("prepared", torch.tensor(False))  # saved with the state, unlike a flag
         self._ready = False
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._freeze_if_prepared())
+
+    def _freeze_if_prepared(self) -> None:
+        self._ready = bool(self.prepared)
+        if self._ready:
+            self.autoencoder.eval().requires_grad_(False)
 
     def setup(self, student_shapes, teacher_shapes):
-        ((s, t),) = pair_shapes(self, student_shapes, teacher_shapes)
-        if len(s) != 4:
+        pairs = pair_shapes(self, student_shapes, teacher_shapes, maps=True)
+        if len(pairs) != 1:
             raise ValueError(
-                f"adaptation: needs feature maps (N, C, H, W), got {tuple(s)} and {tuple(t)}; tap convolutional layers"
+                f"adaptation: needs exactly one layer pair, got {len(pairs)}; call choose_layers first"
             )
+        ((s, t),) = pairs
         code = self.cfg.code_channels or t[1]
         self.autoencoder = AutoEncoder(t[1], code, self.cfg.ae_stride)
         self.adapter = projector(s[1], code, kernel_size=3, bn=True, relu=True)
@@ -120,19 +127,18 @@ class AdaptationKD(Distiller):
             raise ValueError(
                 f"adaptation: the autoencoder diverged (recon loss {last.item()}); lower kd.ae_lr"
             )
-        ae.eval().requires_grad_(False)
+        opt.zero_grad(set_to_none=True)
         self.prepared.fill_(True)
-        self._ready = True
+        self._freeze_if_prepared()
         return {"ae/recon_first": first.item(), "ae/recon": last.item()}
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if hasattr(self, "autoencoder") and bool(self.prepared):
+        if self._ready:
             self.autoencoder.eval()
         return self
 
     def forward(self, batch: KDBatch):
-        self._ready = self._ready or bool(self.prepared)
         if not self._ready:
             raise ValueError(
                 "adaptation: the autoencoder is untrained; call distiller.prepare(teacher_batches, device) before training"

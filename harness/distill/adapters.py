@@ -41,7 +41,10 @@ def channel_adapter(s_shape: torch.Size, t_shape: torch.Size) -> nn.Module:
     return projector(s_shape[1], t_shape[1], ndim=len(s_shape))
 
 
-def pair_shapes(d: Distiller, student_shapes, teacher_shapes) -> list[tuple[torch.Size, torch.Size]]:
+def pair_shapes(
+    d: Distiller, student_shapes, teacher_shapes, maps: bool = False
+) -> list[tuple[torch.Size, torch.Size]]:
+    """The probed (student, teacher) shapes per layer pair; ``maps``: both must be (N, C, H, W)."""
     method = d.cfg.method
     pairs = []
     for s, t in zip(d.student_layers, d.teacher_layers, strict=True):
@@ -54,6 +57,11 @@ def pair_shapes(d: Distiller, student_shapes, teacher_shapes) -> list[tuple[torc
             raise ValueError(
                 f"{method}: student layer '{s}' gives {tuple(student_shapes[s])} but teacher layer '{t}' "
                 f"{tuple(teacher_shapes[t])}; pair layers of the same kind (both maps or both vectors)"
+            )
+        if maps and len(student_shapes[s]) != 4:
+            raise ValueError(
+                f"{method}: needs feature maps (N, C, H, W) but layer '{s}' gives {tuple(student_shapes[s])}; "
+                "choose convolutional layers in kd.student_layers / kd.teacher_layers"
             )
         pairs.append((torch.Size(student_shapes[s]), torch.Size(teacher_shapes[t])))
     return pairs

@@ -14,7 +14,7 @@ from typing import Literal
 import torch.nn.functional as F
 from pydantic import Field
 
-from harness.distill.adapters import feature_pairs
+from harness.distill.adapters import feature_pairs, pair_shapes
 from harness.distill.base import KD_METHODS, Distiller, FeatureKDConfig, match_spatial
 
 
@@ -33,6 +33,11 @@ def attention_map(x, p: float, like=None):
 
 @KD_METHODS.register(AttentionConfig)
 class AttentionKD(Distiller):
+    def setup(self, student_shapes, teacher_shapes):
+        pair_shapes(
+            self, student_shapes, teacher_shapes, maps=True
+        )  # fail early on missing or unusable layers
+
     def forward(self, batch):
         loss = 0.0
         for s, t in feature_pairs(self, batch):

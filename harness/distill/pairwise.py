@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from harness.distill.adapters import feature_pairs
+from harness.distill.adapters import feature_pairs, pair_shapes
 from harness.distill.base import KD_METHODS, Distiller, FeatureKDConfig, match_spatial
 
 
@@ -36,6 +36,11 @@ def node_similarity(x: torch.Tensor) -> torch.Tensor:
 
 @KD_METHODS.register(PairwiseConfig)
 class PairwiseKD(Distiller):
+    def setup(self, student_shapes, teacher_shapes):
+        pair_shapes(
+            self, student_shapes, teacher_shapes, maps=True
+        )  # fail early on missing or unusable layers
+
     def forward(self, batch):
         loss = 0.0
         for s, t in feature_pairs(self, batch):

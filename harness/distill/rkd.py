@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from harness.distill.adapters import EmbeddingKDConfig, choose_embedding_source, embeddings
+from harness.distill.adapters import EmbeddingKDConfig, choose_embedding_source, embeddings, pair_shapes
 from harness.distill.base import KD_METHODS, Distiller
 
 
@@ -48,6 +48,9 @@ class RKD(Distiller):
 
     def choose_layers(self, student_defaults, teacher_defaults):
         choose_embedding_source(self, student_defaults, teacher_defaults)
+
+    def setup(self, student_shapes, teacher_shapes):
+        pair_shapes(self, student_shapes, teacher_shapes)  # fail early on missing or unusable layers
 
     def forward(self, batch):
         dist, ang = 0.0, 0.0
