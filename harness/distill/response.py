@@ -35,7 +35,7 @@ class ResponseKD(Distiller):
     uses_teacher_logits = True
 
     def forward(self, batch):
-        s, t = batch.student_logits.float(), batch.teacher_logits.float()
+        s, t = batch.student_logits.float(), batch.teacher_logits.detach().float()
         require_same_classes(s, t, "response")
         if s.dim() == 4:
             s = match_spatial(s, t)
