@@ -42,6 +42,20 @@ report: setup
 dashboard: setup
 	$(VENV)/bin/optuna-dashboard $(if $(STORAGE),$(STORAGE),mlruns/optuna/journal.log) --host $(HOST) --port 8080
 
+# Scale-out (docs/scale-out.md). `make server`: MLflow tracking server on $(HOST):$(PORT) over BACKEND (a
+# PostgreSQL URL; default: a PostgreSQL of our own in mlruns/postgres on 127.0.0.1:$(PGPORT), which also holds
+# the Optuna database), keeping artifacts in ARTIFACTS and serving them to workers.
+ARTIFACTS ?= mlruns/server-artifacts
+PGPORT ?= 5433
+server: setup
+	$(PY) -m harness.tracking_server $(if $(BACKEND),--backend '$(BACKEND)') --artifacts '$(ARTIFACTS)' --host $(HOST) --port $(PORT) --pg-port $(PGPORT) $(if $(ALLOWED_HOSTS),--allowed-hosts '$(ALLOWED_HOSTS)')
+
+# `make worker STUDY=quickstart STORAGE=postgresql://... TRACKING=http://host:5000`: joins the study; one worker
+# per visible GPU (PER_GPU=2 for two per GPU), one on a CPU-only machine.
+worker: setup
+	@test -n "$(STORAGE)" && test -n "$(TRACKING)" || { echo "usage: make worker STUDY=quickstart STORAGE=postgresql://user@dbhost:5433/optuna TRACKING=http://host:5000 (docs/scale-out.md)"; exit 2; }
+	$(PY) -m harness worker --study studies/$(STUDY).yaml --storage '$(STORAGE)' --tracking-uri '$(TRACKING)' $(if $(PER_GPU),--per-gpu $(PER_GPU)) $(if $(TRIALS),--trials $(TRIALS))
+
 ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host $(HOST) --port $(PORT)
 
@@ -49,7 +63,7 @@ data:
 	bash scripts/get-fashion-mnist.sh data
 
 bench: setup
-	$(PY) -m harness bench
+	PY=$(PY) bash benchmarks/run_all.sh
 
 clean-venv:
 	rm -rf $(VENV)

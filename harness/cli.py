@@ -55,14 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 
-    for extra in ("harness.study_cli", "harness.bench_cli"):
-        try:
-            module = __import__(extra, fromlist=["register"])
-        except ModuleNotFoundError as exc:
-            if exc.name != extra:
-                raise
-            continue
-        module.register(sub)
+    from harness import study_cli
+
+    study_cli.register(sub)
     return parser
 
 

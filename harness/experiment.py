@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ class Outcome:
     state: str  # finished, diverged, pruned, failed, interrupted
     metrics: dict[str, float] = field(default_factory=dict)
     fit: FitResult | None = None
+    compute_seconds: float = 0.0  # training and evaluation steps, teacher caching, final test evaluation
 
 
 def seed_everything(seed: int) -> None:
@@ -143,11 +145,15 @@ def run_experiment(
     if device.type == "cuda" and cfg.train.channels_last and data.task == "segmentation":
         model = model.to(memory_format=torch.channels_last)
     distiller = build_distiller(cfg, model, teacher, data, device)
+    if cfg.train.compile:
+        model.compile()  # in place: parameter names and the checkpoint stay those of the plain model
     autocast = autocast_factory(device, cfg.train.amp)
     server, served = None, ""
+    cache_start = time.perf_counter()
     if teacher is not None:
         key = (json.dumps(teacher_cfg, sort_keys=True), json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True))
         server, served = serve_teacher(freeze(teacher), distiller.teacher_layers, data, cfg.train, device, autocast, key)
+    cache_seconds = time.perf_counter() - cache_start
 
     run = tracker.start_run(
         experiment,
@@ -173,10 +179,10 @@ def run_experiment(
             run.log_metrics({k: v for k, v in result.history[-1].items() if k != "epoch"}, step=result.diverged_at)
             run.set_tags({"failure": f"diverged: training loss not finite at epoch {result.diverged_at}"})
             run.end("diverged")
-            return Outcome(run.id, "diverged", {}, result)
-        final = finalize(run, model, data, cfg, result, device, autocast)
+            return Outcome(run.id, "diverged", {}, result, result.step_seconds + cache_seconds)
+        final, test_seconds = finalize(run, model, data, cfg, result, device, autocast)
         run.end("finished")
-        return Outcome(run.id, "finished", final, result)
+        return Outcome(run.id, "finished", final, result, result.step_seconds + cache_seconds + test_seconds)
     except BaseException as exc:
         state = next((s for t, s in (stop_states or {}).items() if isinstance(exc, t)), None)
         if state is None:
@@ -200,10 +206,14 @@ def _teacher_batches(server, data: DataSplits, cfg: ExperimentConfig, device):
     return batches
 
 
-def finalize(run: Run, model, data: DataSplits, cfg: ExperimentConfig, result: FitResult, device, autocast) -> dict[str, float]:
-    """Test metrics of the best-validation epoch, cost measures, checkpoint and prediction grid."""
+def finalize(run: Run, model, data: DataSplits, cfg: ExperimentConfig, result: FitResult, device, autocast):
+    """Test metrics of the best-validation epoch, cost measures, checkpoint and prediction grid.
+
+    Returns the final metrics and the seconds spent evaluating the test split."""
     kwargs = dict(task=data.task, num_classes=data.num_classes, ignore_index=data.ignore_index, device=device, autocast=autocast)
+    test_start = time.perf_counter()
     test = evaluate(model, data.test, batch_size=64, **kwargs)
+    test_seconds = time.perf_counter() - test_start
     example = _examples(data.val, 1, device)[0]
     final = {
         **{f"val/{k}": v for k, v in result.best_val.items()},
@@ -231,7 +241,7 @@ def finalize(run: Run, model, data: DataSplits, cfg: ExperimentConfig, result: F
         fig = prediction_grid(images, targets, preds, data.num_classes, data.ignore_index)
         run.log_figure(fig, "predictions.png")
         plt.close(fig)
-    return final
+    return final, test_seconds
 
 
 def _examples(split, n: int, device):

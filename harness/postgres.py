@@ -30,6 +30,18 @@ USER = "harness"
 INSTALL_HINT = "install it with: apt-get install -y postgresql (or set PG_BINDIR to the folder holding initdb and pg_ctl)"
 
 
+def sqlalchemy_url(url: str) -> str:
+    """``postgresql://`` as users write it, with the driver we install named: SQLAlchemy 2.1 (used by Optuna and
+    MLflow) otherwise looks for psycopg 3, and our environment has psycopg2."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            try:
+                import psycopg  # noqa: F401
+            except ImportError:
+                return "postgresql+psycopg2://" + url.removeprefix(scheme)
+    return url
+
+
 def find_bindir() -> Path | None:
     """The folder with initdb and pg_ctl: $PG_BINDIR, the newest /usr/lib/postgresql/<ver>/bin, or $PATH."""
     candidates = [Path(os.environ["PG_BINDIR"])] if os.environ.get("PG_BINDIR") else []

@@ -8,7 +8,11 @@ each seed's training run is a child of the trial's run. Pruning follows the firs
 from __future__ import annotations
 
 import logging
+import os
+import random
+import socket
 import statistics
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,14 +56,22 @@ def open_storage(url: str | None, heartbeat: int | None = None, retries: int = 2
         path = Path(url.removeprefix("journal:") if url else DEFAULT_JOURNAL)
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
+    from harness.postgres import sqlalchemy_url
+
+    kwargs: dict[str, Any] = {}
     if heartbeat:
-        return optuna.storages.RDBStorage(
-            url,
+        kwargs = dict(
             heartbeat_interval=heartbeat,
             grace_period=2 * heartbeat,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=retries),
         )
-    return optuna.storages.RDBStorage(url)
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(sqlalchemy_url(url), **kwargs)
+        except Exception as exc:  # workers started together race to create the schema of a fresh database
+            if attempt == 4 or "IntegrityError" not in type(exc).__name__ + repr(exc.__cause__):
+                raise
+            time.sleep(0.5 + random.random())
 
 
 def make_sampler(study: StudyConfig, worker: int = 0):
@@ -151,7 +163,9 @@ class TrialRunner:
         if self.study.budget.trials is not None and used_budget(trial.study, before=trial.number) >= self.study.budget.trials:
             trial.set_user_attr("state", "surplus")
             raise SurplusTrial()
-        params = sample(trial, self.study)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        self._abandon_stale_runs(trial)
+        params = sample(trial, self.study)  # a retried trial gets its stale original's params back
         base = load_experiment(self.study.experiment, self.study.overrides(params))
         tags = {"optuna.study": self.study.name, "optuna.trial": trial.number}
         run = self.tracker.start_run(self.study.name, f"trial-{trial.number}", parent_id=self.parent_id,
@@ -203,6 +217,19 @@ class TrialRunner:
         run.end("finished")
         return value
 
+    def _abandon_stale_runs(self, trial: optuna.Trial) -> None:
+        """A retry of a trial whose worker died (heartbeat stale): close the dead trial's MLflow runs, which
+        would otherwise read RUNNING forever, as 'abandoned'."""
+        stale = trial.storage.get_trial_system_attrs(trial._trial_id).get("retry_history") or []
+        for number in stale:
+            found = self.tracker.search([self.study.name], filter_string=(
+                f"tags.`optuna.study` = '{self.study.name}' and tags.`optuna.trial` = '{number}' "
+                "and attributes.status = 'RUNNING'"))
+            for r in found:
+                run = self.tracker.run(r.info.run_id)
+                run.set_tags({"failure": f"worker died (heartbeat stale); retried as trial {trial.number}"})
+                run.end("abandoned")
+
     def _reporter(self, trial: optuna.Trial):
         metric = self.study.objective.metric
 
@@ -227,20 +254,56 @@ def aggregate(results: list[dict[str, float]]) -> dict[str, float]:
 
 def optimize(study_cfg: StudyConfig, study: optuna.Study, runner: TrialRunner, *, trials: int | None, timeout: float | None,
              callbacks=()) -> None:
-    """Run trials in this process until the budget is used up, the timeout passes or the grid is exhausted."""
+    """Run trials in this process until the budget is used up, the timeout passes or the grid is exhausted.
+
+    When the rest of the budget is running in other workers this worker does not start surplus trials: with
+    heartbeats (RDB storage) it waits, failing stale trials, in case a worker dies and its trial is re-queued;
+    without, it returns."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    allocated = {"stop": False}
 
     def stop_when_spent(st: optuna.Study, _trial) -> None:
-        if trials is not None and used_budget(st) >= trials:
+        if trials is not None and used_budget(st, before=_next_number(st)) >= trials and not _waiting(st):
+            allocated["stop"] = True
             st.stop()
 
-    if trials is not None and used_budget(study) >= trials:
-        return
-    study.optimize(
-        runner,
-        timeout=timeout,
-        catch=(TrialDiverged, TrialFailed, SurplusTrial),
-        callbacks=[stop_when_spent, *callbacks],
-    )
+    heartbeat = _heartbeat_interval(study)
+    while True:
+        if trials is not None:
+            if heartbeat:
+                optuna.storages.fail_stale_trials(study)  # may re-queue a dead worker's trial
+            if used_budget(study) >= trials:
+                return
+            if used_budget(study, before=_next_number(study)) >= trials and not _waiting(study):
+                if not heartbeat or (deadline is not None and time.monotonic() >= deadline):
+                    return
+                time.sleep(min(heartbeat, 10))
+                continue
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return
+        allocated["stop"] = False
+        study.optimize(
+            runner,
+            timeout=remaining,
+            catch=(TrialDiverged, TrialFailed, SurplusTrial),
+            callbacks=[stop_when_spent, *callbacks],
+        )
+        if not allocated["stop"]:  # timeout, or the grid sampler ran out of points
+            return
+
+
+def _next_number(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False))
+
+
+def _waiting(study: optuna.Study) -> bool:
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
+def _heartbeat_interval(study: optuna.Study) -> int | None:
+    get = getattr(study._storage, "get_heartbeat_interval", None)
+    return get() if get else None
 
 
 def summarize(study: optuna.Study) -> dict[str, Any]:

@@ -20,6 +20,9 @@ def register(sub) -> None:
     _common(worker)
     worker.add_argument("--worker-index", type=int, default=None, help="distinguishes workers' sampler seeds")
     worker.add_argument("--heartbeat", type=int, default=None, help="RDB storage heartbeat seconds (default 30 for RDB)")
+    worker.add_argument("--per-gpu", type=int, default=1, metavar="N",
+                        help="worker processes per visible GPU (default 1); with several GPUs, or N > 1, this "
+                             "process starts one worker per slot, each with its own CUDA_VISIBLE_DEVICES")
     worker.set_defaults(func=cmd_worker)
 
 
@@ -66,16 +69,55 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    from harness.sweep import open_parent, run_in_process
+    from harness.sweep import ensure_teacher, open_parent, run_in_process
     from harness.tracking import Tracker
 
     study = _prepare(args)
     tracker = Tracker(args.tracking_uri)
+    ensure_teacher(study, tracker)
+    slots = gpu_slots(args.per_gpu)
+    if len(slots) > 1:
+        return run_gpu_workers(args, slots)
     parent = open_parent(tracker, study, args.storage, reopen=False)
     heartbeat = args.heartbeat if args.heartbeat is not None else (30 if _is_rdb(args.storage) else None)
     worker = args.worker_index if args.worker_index is not None else os.getpid()
     state = run_in_process(study, tracker, parent, args.storage, quiet=args.quiet, heartbeat=heartbeat, worker=worker)
     return 0 if state in ("finished", "spent") else (130 if state == "interrupted" else 1)
+
+
+def gpu_slots(per_gpu: int = 1) -> list[str]:
+    """One CUDA_VISIBLE_DEVICES value per worker: each visible GPU ``per_gpu`` times; [] without CUDA."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        gpus = [g.strip() for g in visible.split(",") if g.strip() and g.strip() != "-1"]
+    else:
+        import torch
+
+        gpus = [str(i) for i in range(torch.cuda.device_count())]
+    return [g for g in gpus for _ in range(max(1, per_gpu))]
+
+
+def run_gpu_workers(args, slots: list[str]) -> int:
+    """One worker process per slot, each pinned to its GPU with CUDA_VISIBLE_DEVICES; waits for all of them."""
+    cmd = [sys.executable, "-m", "harness", "worker", "--study", args.study, "--per-gpu", "1", "--quiet"]
+    for flag, value in (("--storage", args.storage), ("--tracking-uri", args.tracking_uri), ("--trials", args.trials),
+                        ("--timeout", args.timeout), ("--heartbeat", args.heartbeat)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    procs = []
+    for i, gpu in enumerate(slots):
+        index = [] if args.worker_index is None else ["--worker-index", str(args.worker_index * 100 + i)]
+        print(f"worker {i}: CUDA_VISIBLE_DEVICES={gpu}", flush=True)
+        procs.append(subprocess.Popen([*cmd, *index], env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu}))
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            p.send_signal(2)
+        for p in procs:
+            p.wait(timeout=60)
+        return 130
+    return 0 if all(c == 0 for c in codes) else 1
 
 
 def run_local_workers(study, tracker, parent, args) -> str:

@@ -32,17 +32,32 @@ def open_parent(tracker: Tracker, study: StudyConfig, storage: str | None, reope
     """The study's one parent run (created on first use, reused when the study is resumed or joined)."""
     runs = tracker.search([study.name], filter_string="tags.role = 'study'")
     if runs:
-        run = tracker.run(sorted(runs, key=lambda r: r.info.start_time)[0].info.run_id)
+        run = tracker.run(min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id)
         if reopen:
             run.reopen()
         return run
     run = tracker.start_run(study.name, f"study-{study.name}", tags={"role": "study", "optuna.study": study.name,
-                                                                     "optuna.storage": storage or "journal (default)"})
+                                                                     "optuna.storage": _redact(storage) or "journal (default)"})
+    # workers started together may each have created one: all keep the earliest and delete their own
+    first = min(tracker.search([study.name], filter_string="tags.role = 'study'"),
+                key=lambda r: (r.info.start_time, r.info.run_id))
+    if first.info.run_id != run.id:
+        tracker.client.delete_run(run.id)
+        return tracker.run(first.info.run_id)
     run.log_yaml(study.model_dump(mode="json"), "study.yaml")
     run.log_params({"objective": f"{study.objective.direction} {study.objective.metric}", "sampler": study.sampler.name,
                     "pruner": study.pruner.name, "seeds": study.seeds, "budget.trials": study.budget.trials,
                     "experiment": study.experiment, "teacher": study.teacher})
     return run
+
+
+def _redact(url: str | None) -> str | None:
+    """A storage URL without its password, fit for a tag."""
+    if not url or "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    login, host = rest.rsplit("@", 1)
+    return f"{scheme}://{login.split(':', 1)[0]}{':***' if ':' in login else ''}@{host}"
 
 
 def run_in_process(study: StudyConfig, tracker: Tracker, parent: Run, storage: str | None, *, quiet=False,

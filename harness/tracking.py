@@ -84,6 +84,37 @@ class Tracker:
     def experiment_names(self) -> list[str]:
         return [e.name for e in self.client.search_experiments() if e.name != "Default"]
 
+    def runs_frame(self, experiments: list[str] | None = None, filter_string: str = ""):
+        """Runs as a pandas DataFrame, one row per run (all pages): ``run_id``, ``experiment``, ``run_name``,
+        ``status``, ``start_time``, ``end_time``, then ``params.<key>`` (strings), ``metrics.<key>`` (the
+        latest value: highest step) and ``tags.<key>``. All experiments when none are named; unknown names
+        are skipped, so an unknown experiment gives an empty frame."""
+        import pandas as pd
+
+        found = self.client.search_experiments() if experiments is None else [
+            e for n in experiments if (e := self.client.get_experiment_by_name(n)) is not None
+        ]
+        names = {e.experiment_id: e.name for e in found}
+        rows, token = [], None
+        while names:
+            page = self.client.search_runs(list(names), filter_string=filter_string, max_results=1000, page_token=token)
+            for r in page:
+                row = {"run_id": r.info.run_id, "experiment": names.get(r.info.experiment_id), "run_name": r.info.run_name,
+                       "status": r.info.status, "start_time": r.info.start_time, "end_time": r.info.end_time}
+                row.update({f"params.{k}": v for k, v in r.data.params.items()})
+                row.update({f"metrics.{k}": v for k, v in r.data.metrics.items()})
+                row.update({f"tags.{k}": v for k, v in r.data.tags.items()})
+                rows.append(row)
+            token = page.token
+            if not token:
+                break
+        return pd.DataFrame(rows, columns=None if rows else ["run_id", "experiment", "run_name", "status"])
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, int, float]]:
+        """Every logged value of one metric of one run as (step, timestamp, value), in logging order."""
+        history = self.client.get_metric_history(run_id, key)
+        return sorted(((m.step, m.timestamp, m.value) for m in history), key=lambda t: (t[1], t[0]))
+
     def download(self, run_id: str, artifact_path: str, dst: str | Path) -> Path:
         Path(dst).mkdir(parents=True, exist_ok=True)
         return Path(self.client.download_artifacts(run_id, artifact_path, str(dst)))

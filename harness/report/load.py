@@ -1,0 +1,166 @@
+"""Reading a study's runs from MLflow into tidy frames: one row per trial run and one row per seed run.
+
+Columns follow MLflow's own ``search_runs`` naming: ``params.<key>`` (parsed to numbers, booleans and None
+where they read as such), ``metrics.<key>`` (the latest value; a seed run's final metrics are logged one
+step past its last epoch, so the latest value is the selected model's) and ``tags.<key>``, plus a few
+convenience columns: ``trial``, ``state``, ``method`` and, for seed runs, ``seed`` and ``trial_run``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from harness.errors import HarnessError
+from harness.tracking import Tracker
+
+TEACHER_EXPERIMENT = "teachers"
+_INT = re.compile(r"^[+-]?\d+$")
+_TEACHER_RUN = re.compile(r"^run (\w+)")
+
+
+class ReportError(HarnessError):
+    """A study that cannot be reported; the message says why, the exit code says how bad."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class StudyRuns:
+    name: str
+    parent: pd.Series | None
+    trials: pd.DataFrame
+    seeds: pd.DataFrame
+    objective: str = "val/miou"
+    direction: str = "maximize"
+    teacher: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def task(self) -> str:
+        return "classification" if "metrics.test/accuracy" in self.seeds else "segmentation"
+
+    @property
+    def quality(self) -> str:
+        """The held-out metric the tables lead with."""
+        return "test/accuracy" if self.task == "classification" else "test/miou"
+
+
+def parse_value(text):
+    """MLflow params are strings; numbers, booleans and None come back as themselves."""
+    if not isinstance(text, str):
+        return text
+    if text in ("True", "False"):
+        return text == "True"
+    if text == "None":
+        return None
+    if _INT.match(text):
+        return int(text)
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def study_names(tracker: Tracker) -> list[str]:
+    """Experiments that hold a study's parent run (tag role=study)."""
+    runs = tracker.runs_frame(filter_string="tags.role = 'study'")
+    return sorted(set(runs["experiment"])) if len(runs) else []
+
+
+def _typed(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.copy()
+    for col in [c for c in frame.columns if c.startswith("params.")]:
+        frame[col] = frame[col].map(parse_value).astype(object)
+    return frame
+
+
+def _col(frame: pd.DataFrame, name: str, default=None) -> pd.Series:
+    return frame[name] if name in frame else pd.Series(default, index=frame.index, dtype=object)
+
+
+def load_study(tracker: Tracker, name: str) -> StudyRuns:
+    runs = tracker.runs_frame([name])
+    if not len(runs):
+        raise ReportError(f"study {name}: no runs in {tracker.uri}", 2)
+    role = _col(runs, "tags.role")
+    parents = runs[role == "study"].sort_values("start_time")
+    parent = parents.iloc[0] if len(parents) else None
+    trials = _typed(runs[role == "trial"]).reset_index(drop=True)
+    seeds = _typed(runs[role == "seed"]).reset_index(drop=True)
+    for frame in (trials, seeds):
+        frame["trial"] = pd.to_numeric(_col(frame, "tags.optuna.trial"), errors="coerce").astype("Int64")
+        frame["state"] = _col(frame, "tags.state", "unknown").fillna("unknown")
+        frame["method"] = _col(frame, "params.kd.method", "none").fillna("none")
+    seeds["seed"] = pd.to_numeric(_col(seeds, "tags.seed"), errors="coerce").astype("Int64")
+    seeds["trial_run"] = _col(seeds, "tags.mlflow.parentRunId")
+    trials = trials.sort_values("trial").reset_index(drop=True)
+    seeds = seeds.sort_values(["trial", "seed"]).reset_index(drop=True)
+    study = StudyRuns(name, parent, trials, seeds)
+    objective = parent.get("params.objective") if parent is not None else None
+    if isinstance(objective, str) and " " in objective:
+        study.direction, study.objective = objective.split(" ", 1)
+    elif study.task == "classification":
+        study.objective = "val/accuracy"
+    study.teacher = find_teacher(tracker, study)
+    return study
+
+
+def find_teacher(tracker: Tracker, study: StudyRuns) -> dict | None:
+    """The teacher's run: named by the seed runs' ``teacher.source`` tag, else found by its config hash."""
+    run_id = None
+    sources = _col(study.seeds, "tags.teacher.source").dropna()
+    for source in sources:
+        if m := _TEACHER_RUN.match(str(source)):
+            run_id = m.group(1)
+            break
+    if run_id is None:
+        run_id = _teacher_by_hash(tracker, study)
+    if run_id is None:
+        return None
+    try:
+        run = tracker.client.get_run(run_id)
+    except Exception:  # deleted or from another store
+        return None
+    metrics = run.data.metrics
+    return {"run_id": run_id, "name": run.info.run_name, "metrics": metrics,
+            "width": parse_value(run.data.params.get("model.width"))}
+
+
+def _teacher_by_hash(tracker: Tracker, study: StudyRuns) -> str | None:
+    spec = None
+    if study.parent is not None:
+        spec = study.parent.get("params.teacher")
+    if not isinstance(spec, str) or spec.endswith((".pt", ".pth")) or not Path(spec).is_file():
+        return None
+    from harness.config import load_experiment
+
+    try:
+        digest = load_experiment(spec).hash()
+    except HarnessError:
+        return None
+    found = tracker.runs_frame([TEACHER_EXPERIMENT], f"tags.config_hash = '{digest}' and tags.state = 'finished'")
+    return found["run_id"].iloc[0] if len(found) else None
+
+
+def curves(tracker: Tracker, seeds: pd.DataFrame, keys: tuple[str, ...]) -> pd.DataFrame:
+    """Per-epoch values of ``keys`` for the given seed runs: columns run_id, key, epoch, value.
+
+    The final metrics share names with per-epoch ones (val/loss) but sit at step = epochs run, so only
+    steps below that count; where a step holds two values, the first logged is the epoch's."""
+    rows = []
+    for _, run in seeds.iterrows():
+        last = run.get("metrics.epochs_run")
+        for key in keys:
+            seen = set()
+            for step, _ts, value in tracker.metric_history(run["run_id"], key):
+                if step in seen or (pd.notna(last) and step >= last):
+                    continue
+                seen.add(step)
+                rows.append({"run_id": run["run_id"], "key": key, "epoch": step, "value": value})
+    return pd.DataFrame(rows, columns=["run_id", "key", "epoch", "value"])

@@ -1,0 +1,115 @@
+"""Markdown output: a small table writer (pandas' to_markdown needs tabulate) and number formatting.
+
+Tables are built as plain frames (what the CSV files hold). For markdown, a column ``X`` followed by
+``X std`` and/or ``X n`` is shown as one cell "mean ± std (n=k)", so every mean carries its spread.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+SIGNED = ("difference", "Δ")  # columns shown with an explicit sign
+
+
+@dataclass
+class Table:
+    """One table of the report: a file stem, a title, the frame, and a sentence or two above it."""
+
+    name: str
+    title: str
+    frame: pd.DataFrame
+    note: str = ""
+    findings: list[str] = field(default_factory=list)
+
+
+def number(value, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    sign = "+" if signed and value > 0 else ""
+    if float(value).is_integer() and abs(value) >= 1:
+        return f"{sign}{int(value):,}" if abs(value) >= 10_000 else f"{sign}{int(value)}"
+    a = abs(value)
+    if a >= 100:
+        return f"{sign}{value:,.1f}"
+    if a >= 1:
+        return f"{sign}{value:.3f}"
+    if a >= 1e-4 or a == 0:
+        return f"{sign}{value:.4f}"
+    return f"{sign}{value:.1e}"
+
+
+def display(frame: pd.DataFrame) -> pd.DataFrame:
+    """Strings for markdown: mean ± std (n=k) merged into one cell, numbers formatted, NaN as '–'."""
+    cols = list(frame.columns)
+    out = {}
+    for col in cols:
+        if col.endswith((" std", " n")) and col.rsplit(" ", 1)[0] in cols:
+            continue
+        std, n = f"{col} std", f"{col} n"
+        signed = any(s in col for s in SIGNED)
+        header = col
+        if std in cols or n in cols:
+            header = f"{col} (mean ± std{', n' if n in cols else ''})" if std in cols else f"{col} (n)"
+        cells = []
+        for idx in frame.index:
+            text = number(frame.at[idx, col], signed)
+            has_value = text not in ("–",) and not isinstance(frame.at[idx, col], str)
+            if has_value and std in cols and not pd.isna(frame.at[idx, std]):
+                text += f" ± {number(frame.at[idx, std])}"
+            if has_value and n in cols and not pd.isna(frame.at[idx, n]):
+                text += f" (n={int(frame.at[idx, n])})"
+            cells.append(text)
+        out[header] = cells
+    return pd.DataFrame(out, index=frame.index)
+
+
+def md_table(frame: pd.DataFrame) -> str:
+    """A GitHub markdown table; numeric-looking columns right-aligned."""
+    shown = display(frame)
+    if not len(shown.columns):
+        return ""
+    header = [_escape(c) for c in shown.columns]
+    rows = [[_escape(v) for v in row] for row in shown.itertuples(index=False)]
+    numeric = [all(_looks_numeric(r[i]) for r in rows) and rows for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---:" if num else "---" for num in numeric) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _escape(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _looks_numeric(text: str) -> bool:
+    head = text.split(" ")[0].replace(",", "").lstrip("+-")
+    return head in ("–",) or head.replace(".", "", 1).replace("e", "", 1).replace("-", "", 1).isdigit()
+
+
+def section(table: Table, level: int = 2) -> str:
+    parts = [f"{'#' * level} {table.title}", ""]
+    for finding in table.findings:
+        parts += [f"**{finding}**", ""]
+    if table.note:
+        parts += [table.note, ""]
+    parts += [md_table(table.frame) if len(table.frame) else "_(no rows)_", ""]
+    return "\n".join(parts)
+
+
+def document(title: str, intro: list[str], tables: list[Table], images: list[tuple[str, str]]) -> str:
+    """The one file a reader opens: the intro lines, every table with its title, then the plots."""
+    parts = [f"# {title}", ""]
+    for line in intro:
+        parts += [line, ""]
+    for table in tables:
+        parts.append(section(table))
+    if images:
+        parts += ["## Plots", ""]
+        for caption, path in images:
+            parts += [f"### {caption}", "", f"![{caption}]({path})", ""]
+    return "\n".join(parts).rstrip() + "\n"

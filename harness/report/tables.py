@@ -1,0 +1,189 @@
+"""The report's tables, each a plain frame (what the CSV holds) plus a title and a note.
+
+Which tables a study gets follows from what its trials vary: a method table when ``kd.method`` varies (or
+nothing does), a width table when ``model.width`` varies, temperature tables when the KD temperature does,
+a classification table when the runs have accuracy metrics. Rows that stand for a choice (a method, a
+width) show the configuration with the best validation objective among those tried for it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from harness.report.groups import best_per, student_keys, temperature, varying
+from harness.report.load import StudyRuns
+from harness.report.markdown import Table
+
+LABELS = {"model.width": "k", "kd.method": "KD method", "kd.temperature": "T", "kd.tau": "τ",
+          "data.source": "dataset", "train.lr": "lr", "kd.alpha": "α", "kd.beta": "β"}
+NON_TERMS = {"loss", "loss_final", "loss_best_epoch", "alpha", "beta"}
+
+
+def label(key: str) -> str:
+    return LABELS.get(key, key)
+
+
+def quality_label(study: StudyRuns) -> str:
+    return "test accuracy" if study.task == "classification" else "test mIoU"
+
+
+def stat(out: pd.DataFrame, rows: pd.DataFrame, metric: str, name: str, n: bool = False, std: bool = True) -> None:
+    """Copy a group metric's mean (and std, n) into ``out`` under a display name."""
+    out[name] = rows[metric].to_numpy() if metric in rows else np.nan
+    if std:
+        out[f"{name} std"] = rows[f"{metric} std"].to_numpy() if metric in rows else np.nan
+    if n:
+        out[f"{name} n"] = rows[f"{metric} n"].to_numpy() if metric in rows else 0
+
+
+def keys_frame(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({label(k): rows[f"params.{k}"].to_numpy() for k in keys}, index=range(len(rows)))
+
+
+def trials_text(rows: pd.DataFrame) -> list[str]:
+    return [", ".join(map(str, t)) for t in rows["trials"]]
+
+
+def method_table(study: StudyRuns, groups: pd.DataFrame) -> Table | None:
+    if "kd.method" not in varying(groups) and varying(groups):
+        return None
+    keys = ["kd.method", *student_keys(groups)]
+    rows = best_per(groups, keys, study.objective, study.direction)
+    rows = rows.sort_values(["method", *[f"params.{k}" for k in keys[1:]]], key=_method_order)
+    out = keys_frame(rows, keys)
+    stat(out, rows, study.quality, quality_label(study), n=True)
+    stat(out, rows, "params", "# parameters", std=False)
+    if rows["kd_params"].fillna(0).gt(0).any():
+        stat(out, rows, "kd_params", "KD parameters (training only)", std=False)
+    stat(out, rows, "ms_per_image", "ms/image")
+    stat(out, rows, "train_ms_per_image", "training ms/image")
+    out["trials"] = trials_text(rows)
+    return Table("methods", "Methods", out, f"One row per KD method{' and student' if len(keys) > 1 else ''}: "
+                 f"the configuration with the best mean {study.objective} among those tried; "
+                 f"mean ± std over seeds, n = seeds. ms/image: inference, batch of one.")
+
+
+def width_table(study: StudyRuns, groups: pd.DataFrame) -> Table | None:
+    if "model.width" not in varying(groups):
+        return None
+    keys = ["model.width", *(["kd.method"] if "kd.method" in varying(groups) else [])]
+    rows = best_per(groups, keys, study.objective, study.direction)
+    rows = rows.sort_values([f"params.{k}" for k in keys], ascending=[False, *[True] * (len(keys) - 1)],
+                            key=_method_order)
+    out = keys_frame(rows, keys)
+    stat(out, rows, "params", "parameters", std=False)
+    stat(out, rows, "test/loss", "test loss")
+    stat(out, rows, "train/loss_best_epoch", "train loss")
+    stat(out, rows, "best_epoch", "best epoch")
+    stat(out, rows, study.quality, quality_label(study), n=True)
+    out["trials"] = trials_text(rows)
+    return Table("widths", "Student width", out, "Seed 002 Table 1 layout: k = channels of the first stage. "
+                 "Train loss is the training loss at the best-validation epoch; best epoch counts from 0.")
+
+
+def temperature_table(study: StudyRuns, groups: pd.DataFrame) -> Table | None:
+    temps = groups.assign(_T=temperature(groups))
+    temps = temps[temps["_T"].notna()]
+    if temps["_T"].nunique() < 2:
+        return None
+    extra = ["kd.method"] if temps["method"].nunique() > 1 else []
+    records = []
+    for (t, *rest), at_t in temps.groupby(["_T", *[f"params.{k}" for k in extra]], sort=True):
+        rows = best_per(at_t, [], study.objective, study.direction)
+        finished = int((at_t["seeds_finished"] > 0).sum())
+        diverged = int((at_t["seeds_diverged"] > 0).sum())
+        rec = {"T": t, **{label(k): v for k, v in zip(extra, rest)}}
+        if len(rows):
+            best = rows.iloc[0]
+            for metric, name in (("test/loss", "test loss"), (study.quality, quality_label(study))):
+                rec[name], rec[f"{name} std"], rec[f"{name} n"] = best[metric], best[f"{metric} std"], best[f"{metric} n"]
+            rec["best epoch"] = best["best_epoch"]
+            rec["trials"] = ", ".join(map(str, best["trials"]))
+        else:
+            rec.update({"test loss": "Div.", quality_label(study): "Div.", "best epoch": "-", "trials": ""})
+        rec["configs (finished / with diverged seeds / all)"] = f"{finished} / {diverged} / {len(at_t)}"
+        records.append(rec)
+    out = pd.DataFrame(records)
+    return Table("temperatures", "KD temperature", out, "Seed 002 Table 2 layout: for each temperature the "
+                 f"configuration with the best mean {study.objective}; Div. = every configuration at that "
+                 "temperature diverged (training loss not finite).")
+
+
+def seeds_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) -> Table | None:
+    temps = groups.assign(_T=temperature(groups))
+    temps = temps[temps["_T"].notna()]
+    if temps["_T"].nunique() < 2 or (temps["seeds_finished"] + temps["seeds_diverged"]).max() < 2:
+        return None
+    keys = [k for k in varying(temps) if k not in ("kd.temperature", "kd.tau")]
+    temps = temps.sort_values(["_T", *[f"params.{k}" for k in keys]])
+    all_seeds = sorted(int(s) for s in seeds["seed"].dropna().unique())
+    out = pd.DataFrame({"T": temps["_T"].to_numpy()})
+    out = pd.concat([out, keys_frame(temps, keys)], axis=1)
+    for s in all_seeds:
+        cells = []
+        for gid in temps["group"]:
+            runs = seeds[(seeds["group"] == gid) & (seeds["seed"] == s)]
+            if not len(runs):
+                cells.append("–")
+                continue
+            run = runs.iloc[0]
+            if run["state"] == "finished":
+                cells.append(run.get("metrics.test/loss", np.nan))
+            else:
+                cells.append("Div." if run["state"] == "diverged" else run["state"])
+        out[f"seed {s}"] = cells
+    stat(out, temps, "test/loss", "test loss", n=True)
+    return Table("seeds_per_temperature", "Test loss per seed and temperature", out,
+                 "Seed 002 Table 3 layout: one row per configuration, one column per seed; "
+                 "Div. = that seed's training diverged.")
+
+
+def classification_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) -> Table | None:
+    if study.task != "classification":
+        return None
+    rows = best_per(groups, ["data.source", "kd.method"], study.objective, study.direction)
+    rows = rows.sort_values(["params.data.source", "method"], key=_method_order)
+    out = pd.DataFrame({"dataset": rows["params.data.source"].to_numpy(),
+                        "loss used": [loss_used(seeds[seeds["group"] == g], m) for g, m in zip(rows["group"], rows["method"])]})
+    stat(out, rows, "test/loss", "test loss")
+    stat(out, rows, "test/accuracy", "test accuracy", n=True)
+    out["trials"] = trials_text(rows)
+    return Table("classification", "Classification", out, "Seed 003 layout. Loss used: the method and the "
+                 "loss terms its training logged.")
+
+
+def loss_used(seeds: pd.DataFrame, method: str) -> str:
+    terms = [c.removeprefix("metrics.train/") for c in seeds.columns
+             if c.startswith("metrics.train/") and seeds[c].notna().any()]
+    terms = [t for t in terms if t not in NON_TERMS]
+    terms = sorted(terms, key=lambda t: (t != "ce", t))
+    return f"{method}: {' + '.join(terms)}" if terms else method
+
+
+def best_trials_table(study: StudyRuns, top: int = 5) -> Table:
+    done = study.trials[study.trials["state"] == "finished"].copy()
+    obj = f"metrics.{study.objective}"
+    done = done.sort_values(obj, ascending=study.direction == "minimize").head(top)
+    out = pd.DataFrame({"trial": done["trial"].astype(int).to_numpy()})
+    for metric in dict.fromkeys([study.objective, study.quality]):
+        out[metric] = done.get(f"metrics.{metric}", np.nan).to_numpy()
+        out[f"{metric} std"] = done.get(f"metrics.{metric}_std", np.nan).to_numpy()
+        out[f"{metric} n"] = done.get("metrics.n_seeds", np.nan).to_numpy()
+    for col in sorted(c for c in done.columns if c.startswith("params.search.")):
+        out[label(col.removeprefix("params.search."))] = done[col].to_numpy()
+    return Table("best_trials", "Best trials", out, f"The {len(out)} finished trials with the best "
+                 f"{study.objective} ({study.direction}), with the values the sampler chose.")
+
+
+def importance_table(importances: dict[str, float], source: str) -> Table:
+    items = sorted(importances.items(), key=lambda kv: -kv[1])
+    out = pd.DataFrame({"parameter": [k for k, _ in items], "importance": [v for _, v in items]})
+    return Table("importances", "Parameter importances", out, source)
+
+
+def _method_order(col: pd.Series) -> pd.Series:
+    """Sort key: the no-KD baseline first, then alphabetical; numbers sort as numbers."""
+    if col.name in ("method", "params.kd.method"):
+        return col.map(lambda m: (m != "none", str(m)))
+    return col
