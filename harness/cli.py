@@ -1,4 +1,4 @@
-"""Command line: python -m harness {train,sweep,worker,report,bench}."""
+"""Command line: python -m harness {train,sweep,worker}. Reports: python -m harness.report."""
 
 from __future__ import annotations
 
