@@ -134,6 +134,7 @@ def run_experiment(
     Optuna's TrialPruned to "pruned"); the exception is re-raised after the run is closed.
     """
     device = resolve_device(cfg.train.device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     seed_everything(cfg.train.seed)
     data = cached_data(cfg, device)
     teacher = teacher_source = None
