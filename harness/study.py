@@ -26,7 +26,7 @@ from harness.experiment import run_experiment
 from harness.study_config import StudyConfig
 from harness.tracking import Tracker
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
+optuna.logging.set_verbosity(optuna.logging.ERROR)  # our display reports trial outcomes
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 log = logging.getLogger(__name__)
 

@@ -97,13 +97,13 @@ def finish_parent(study: StudyConfig, tracker: Tracker, parent: Run, storage: st
         parent.set_tags({"best_params": best["params"]})
     metrics.update({f"importance/{k}": v for k, v in importances(optuna_study).items()})
     parent.log_metrics(metrics)
-    line = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+    line = ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "no trials finished"
     if state == "interrupted":
         parent.end("interrupted")
         console.print(f"[yellow]interrupted[/yellow] ({line}); run the same command again to resume")
         return 130
     parent.end("finished")
-    console.print(f"[green]study {study.name}[/green]: {line or 'no trials'}")
+    console.print(f"[green]study {study.name}[/green]: {line}")
     if best:
         console.print(f"best trial {best['number']}: {study.objective.metric} = {best['value']:.4f} with {best['params']}")
     console.print(f"runs: MLflow experiment '{study.name}' in {tracker.uri} (make ui); tables: python -m harness.report --study {study.name}")
