@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from harness.data.base import TensorSplit
+from harness.errors import DataError
 
 
 class _WithIndex(Dataset):
@@ -58,8 +59,11 @@ def iterate_batches(
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
-    for x, y, idx in loader:
-        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True), idx
+    try:
+        for x, y, idx in loader:
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True), idx
+    except DataError as exc:  # raised in a worker: torch wraps our one-line message in the worker's traceback
+        raise DataError(str(exc).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
 
 
 def fixed_inputs(split: Dataset) -> bool:
