@@ -112,3 +112,22 @@ def test_missing_dataset_is_one_line_and_nothing_is_logged(tmp_path, store, data
     err = capsys.readouterr().err.strip()
     assert code == 3 and err.startswith("error: ") and message in err and "\n" not in err
     assert MlflowClient(store).get_experiment_by_name("bad") is None
+
+
+def test_bad_mask_value_in_a_worker_is_still_one_line(tmp_path, store, capsys):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / "images" / f"s{i}.png")
+        Image.fromarray(np.full((16, 16), 7 if i == 3 else i % 2, dtype=np.uint8)).save(root / "masks" / f"s{i}.png")
+    path = write_yaml(tmp_path / "exp.yaml", {
+        "name": "folder", "data": {"source": "folder", "root": str(root), "num_classes": 2, "val_fraction": 0.2, "test_fraction": 0.2},
+        "model": {"name": "unet", "width": 2, "depth": 3}, "train": {**TINY_TRAIN, "batch_size": 2}})
+    code = main(["train", "--config", str(path), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 3 and "s3.png" in err and "\n" not in err and "Traceback" not in err, err
