@@ -21,8 +21,15 @@ SAME_STUDENT = ("model.", "data.", "train.epochs")
 
 
 def _student(row: pd.Series) -> tuple:
-    return tuple(sorted((k, _norm(v)) for k, v in row.items()
-                        if isinstance(k, str) and k.startswith("params.") and k.removeprefix("params.").startswith(SAME_STUDENT)))
+    return tuple(
+        sorted(
+            (k, _norm(v))
+            for k, v in row.items()
+            if isinstance(k, str)
+            and k.startswith("params.")
+            and k.removeprefix("params.").startswith(SAME_STUDENT)
+        )
+    )
 
 
 def _per_seed(seeds: pd.DataFrame, group: int, metric: str) -> dict[int, float]:
@@ -47,35 +54,66 @@ def baseline_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) 
         student = _student(row)
         same = nones[[_student(n) == student for _, n in nones.iterrows()]] if len(nones) else nones
         base = best_per(same, [], study.objective, study.direction)
-        rec = {"KD method": row["method"]}
+        rec = {
+            "KD method": row["method"],
+            f"{qlabel} KD": row[metric],
+            f"{qlabel} KD std": row[f"{metric} std"],
+            f"{qlabel} KD n": row[f"{metric} n"],
+        }
         if not len(base):
-            records.append({**rec, "baseline": "no `none` run with this student"})
+            records.append(
+                {
+                    **rec,
+                    "significant": "no baseline: no `none` run with this student",
+                    "trials KD / none": f"{', '.join(map(str, row['trials']))} / –",
+                }
+            )
             continue
         base = base.iloc[0]
-        d = bootstrap_difference(_per_seed(seeds, row["group"], metric), _per_seed(seeds, base["group"], metric))
+        d = bootstrap_difference(
+            _per_seed(seeds, row["group"], metric), _per_seed(seeds, base["group"], metric)
+        )
         gap = teacher_value - base[metric]
-        rec.update({
-            f"{qlabel} KD": row[metric], f"{qlabel} KD std": row[f"{metric} std"], f"{qlabel} KD n": row[f"{metric} n"],
-            f"{qlabel} none": base[metric], f"{qlabel} none std": base[f"{metric} std"],
-            f"{qlabel} none n": base[f"{metric} n"],
-            "difference": d.diff, "95% CI low": d.low, "95% CI high": d.high, "seeds paired": d.paired,
-            "significant": ("yes" if d.significant else "n.s.") if d.computable else "n.s. (too few seeds)",
-            "gap closed": d.diff / gap if gap > 0 else np.nan,
-            "gap closed CI low": d.low / gap if gap > 0 else np.nan,
-            "gap closed CI high": d.high / gap if gap > 0 else np.nan,
-            "trials KD / none": f"{', '.join(map(str, row['trials']))} / {', '.join(map(str, base['trials']))}",
-        })
+        rec.update(
+            {
+                f"{qlabel} none": base[metric],
+                f"{qlabel} none std": base[f"{metric} std"],
+                f"{qlabel} none n": base[f"{metric} n"],
+                "difference": d.diff,
+                "difference CI low": d.low,
+                "difference CI high": d.high,
+                "seeds paired": d.paired,
+                "significant": ("yes" if d.significant else "n.s.")
+                if d.computable
+                else "n.s. (too few seeds)",
+                "gap closed %": 100 * d.diff / gap if gap > 0 else np.nan,
+                "gap closed % CI low": 100 * d.low / gap if gap > 0 else np.nan,
+                "gap closed % CI high": 100 * d.high / gap if gap > 0 else np.nan,
+                "trials KD / none": f"{', '.join(map(str, row['trials']))} / {', '.join(map(str, base['trials']))}",
+            }
+        )
         records.append(rec)
         diffs.append((row["method"], d))
-    out = pd.DataFrame(records)
+    columns = list(dict.fromkeys(k for rec in sorted(records, key=len, reverse=True) for k in rec))
+    out = pd.DataFrame(records, columns=columns)
     if keys:
         out = pd.concat([out.iloc[:, :1], keys_frame(kd_rows, keys), out.iloc[:, 1:]], axis=1)
     teacher = study.teacher
-    teacher_text = (f"teacher {teacher['name']} {qlabel} {number(teacher_value)}" if teacher and pd.notna(teacher_value)
-                    else "no teacher run found, so no gap closed")
-    note = (f"Difference = KD − none in {qlabel}, mean over seeds, with a 95% bootstrap interval "
-            f"(10,000 resamples of seed-paired differences); n.s. = the interval includes 0. "
-            f"Gap closed = difference / (teacher − none); {teacher_text}.")
+    teacher_text = (
+        f"teacher {teacher['name']} {qlabel} {number(teacher_value)}"
+        if teacher and pd.notna(teacher_value)
+        else "no teacher run found, so no gap closed"
+    )
+    no_gap = "gap closed %" in out and (out["gap closed %"].isna() & out[f"{qlabel} none"].notna()).any()
+    if no_gap and pd.notna(teacher_value):
+        teacher_text += (
+            " (where gap closed is blank, the teacher is no better than the baseline: there is no gap)"
+        )
+    note = (
+        f"Difference = KD − none in {qlabel}, mean over seeds, with a 95% bootstrap interval "
+        f"(10,000 resamples of seed-paired differences); n.s. = the interval includes 0. "
+        f"Gap closed = difference / (teacher − none); {teacher_text}."
+    )
     return Table("baseline", "KD against the no-KD baseline", out, note, [finding(diffs, qlabel)])
 
 
@@ -86,9 +124,11 @@ def finding(diffs, qlabel: str) -> str:
     computable = [(m, d) for m, d in diffs if d.computable]
     if not computable:
         best_m, best_d = max(diffs, key=lambda md: md[1].diff if np.isfinite(md[1].diff) else -np.inf)
-        return (f"Too few seeds to tell: with one seed per configuration no interval can be computed "
-                f"(largest difference: {best_m} {number(best_d.diff, True)} {qlabel}); "
-                f"list several seeds in the study (seeds: [0, 1, 2]) to test KD against no KD.")
+        return (
+            f"Too few seeds to tell: with one seed per configuration no interval can be computed "
+            f"(largest difference: {best_m} {number(best_d.diff, True)} {qlabel}); "
+            f"list several seeds in the study (seeds: [0, 1, 2]) to test KD against no KD."
+        )
     better = [m for m, d in computable if d.significant and d.diff > 0]
     worse = [m for m, d in computable if d.significant and d.diff < 0]
     parts = []

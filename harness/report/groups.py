@@ -16,9 +16,23 @@ from harness.report.load import StudyRuns
 NOT_CONFIG = {"name", "seed", "seeds", "train.seed", "train.device"}
 REPORTED_STATES = ("finished", "diverged")
 SUMMARY_METRICS = (
-    "val/miou", "test/miou", "val/accuracy", "test/accuracy", "val/loss", "test/loss", "val/pixel_acc",
-    "test/pixel_acc", "params", "kd_params", "flops", "ms_per_image", "train_ms_per_image", "best_epoch",
-    "epochs_run", "train/loss_best_epoch", "train/loss_final",
+    "val/miou",
+    "test/miou",
+    "val/accuracy",
+    "test/accuracy",
+    "val/loss",
+    "test/loss",
+    "val/pixel_acc",
+    "test/pixel_acc",
+    "params",
+    "kd_params",
+    "flops",
+    "ms_per_image",
+    "train_ms_per_image",
+    "best_epoch",
+    "epochs_run",
+    "train/loss_best_epoch",
+    "train/loss_final",
 )
 
 
@@ -63,21 +77,40 @@ def build_groups(study: StudyRuns) -> pd.DataFrame:
         members = trials[trials["run_id"].map(trial_group) == gid]
         runs = seeds[seeds["group"] == gid]
         done = runs[runs["state"] == "finished"]
-        row = {"group": gid, **{f"params.{k}": v for k, v in zip(keys, sig)}, "method": members["method"].iloc[0],
-               "trials": sorted(int(n) for n in members["trial"].dropna()),
-               "seeds_finished": len(done), "seeds_diverged": int((runs["state"] == "diverged").sum()),
-               "seed_values": sorted(int(s) for s in done["seed"].dropna())}
+        row = {
+            "group": gid,
+            **{f"params.{k}": v for k, v in zip(keys, sig)},
+            "method": members["method"].iloc[0],
+            "trials": sorted(int(n) for n in members["trial"].dropna()),
+            "seeds_finished": len(done),
+            "seeds_diverged": int((runs["state"] == "diverged").sum()),
+            "seed_values": sorted(int(s) for s in done["seed"].dropna()),
+        }
+        row["objective"] = _trial_mean(members, study.objective)
         metrics = [*SUMMARY_METRICS, study.objective]
         for metric in dict.fromkeys(metrics):
-            values = pd.to_numeric(done.get(f"metrics.{metric}", pd.Series(dtype=float)), errors="coerce").dropna()
+            values = pd.to_numeric(
+                done.get(f"metrics.{metric}", pd.Series(dtype=float)), errors="coerce"
+            ).dropna()
             row[metric] = values.mean() if len(values) else np.nan
             row[f"{metric} std"] = values.std(ddof=1) if len(values) > 1 else np.nan
             row[f"{metric} n"] = len(values)
+        if pd.isna(row["objective"]):
+            row["objective"] = row[study.objective]
         rows.append(row)
     groups = pd.DataFrame(rows)
     if len(groups):
         groups["first_trial"] = groups["trials"].map(lambda t: min(t) if t else -1)
     return groups
+
+
+def _trial_mean(members: pd.DataFrame, metric: str) -> float:
+    """The objective as the trials recorded it (mean over their finished seeds), pooled by seed count; this
+    is what Optuna optimised, so configurations are chosen on it."""
+    values = pd.to_numeric(members.get(f"metrics.{metric}"), errors="coerce")
+    weights = pd.to_numeric(members.get("metrics.n_seeds"), errors="coerce").fillna(1)
+    ok = values.notna() & (weights > 0)
+    return float((values[ok] * weights[ok]).sum() / weights[ok].sum()) if ok.any() else np.nan
 
 
 def group_seeds(study: StudyRuns, groups: pd.DataFrame) -> pd.DataFrame:
@@ -97,7 +130,8 @@ def best_per(groups: pd.DataFrame, keys: list[str], objective: str, direction: s
     done = groups[groups["seeds_finished"] > 0].copy()
     if not len(done):
         return done
-    done["_score"] = done[objective] if direction == "maximize" else -done[objective]
+    score = done["objective"] if "objective" in done else done[objective]
+    done["_score"] = score if direction == "maximize" else -score
     done = done.sort_values(["_score", "first_trial"], ascending=[False, True], na_position="last")
     cols = [f"params.{k}" for k in keys]
     if not cols:
@@ -109,8 +143,11 @@ def best_per(groups: pd.DataFrame, keys: list[str], objective: str, direction: s
 
 def student_keys(groups: pd.DataFrame) -> list[str]:
     """The student's varying config keys (model.*): rows of a method table are per method and student."""
-    return [k for k in varying(groups, [c.removeprefix("params.") for c in groups if c.startswith("params.")])
-            if k.startswith("model.")]
+    return [
+        k
+        for k in varying(groups, [c.removeprefix("params.") for c in groups if c.startswith("params.")])
+        if k.startswith("model.")
+    ]
 
 
 def temperature(groups: pd.DataFrame) -> pd.Series:

@@ -128,8 +128,12 @@ def find_teacher(tracker: Tracker, study: StudyRuns) -> dict | None:
     except Exception:  # deleted or from another store
         return None
     metrics = run.data.metrics
-    return {"run_id": run_id, "name": run.info.run_name, "metrics": metrics,
-            "width": parse_value(run.data.params.get("model.width"))}
+    return {
+        "run_id": run_id,
+        "name": run.info.run_name,
+        "metrics": metrics,
+        "width": parse_value(run.data.params.get("model.width")),
+    }
 
 
 def _teacher_by_hash(tracker: Tracker, study: StudyRuns) -> str | None:
@@ -144,7 +148,9 @@ def _teacher_by_hash(tracker: Tracker, study: StudyRuns) -> str | None:
         digest = load_experiment(spec).hash()
     except HarnessError:
         return None
-    found = tracker.runs_frame([TEACHER_EXPERIMENT], f"tags.config_hash = '{digest}' and tags.state = 'finished'")
+    found = tracker.runs_frame(
+        [TEACHER_EXPERIMENT], f"tags.config_hash = '{digest}' and tags.state = 'finished'"
+    )
     return found["run_id"].iloc[0] if len(found) else None
 
 

@@ -1,17 +1,22 @@
 """Markdown output: a small table writer (pandas' to_markdown needs tabulate) and number formatting.
 
-Tables are built as plain frames (what the CSV files hold). For markdown, a column ``X`` followed by
-``X std`` and/or ``X n`` is shown as one cell "mean ± std (n=k)", so every mean carries its spread.
+Tables are built as plain frames (what the CSV files hold). For markdown, a column ``X`` with companions
+``X std`` and/or ``X n`` is shown as one cell "mean ± std (n=k)", so every mean carries its spread, and
+``X CI low`` / ``X CI high`` as "X [low, high]".
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
-SIGNED = ("difference", "Δ")  # columns shown with an explicit sign
+SIGNED = ("difference", "Δ", "gap closed")  # columns shown with an explicit sign
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)(e[+-]?\d+)?$")
+COMPANIONS = (" std", " n", " CI low", " CI high")  # merged into the column they follow
 
 
 @dataclass
@@ -25,15 +30,20 @@ class Table:
     findings: list[str] = field(default_factory=list)
 
 
-def number(value, signed: bool = False) -> str:
+def number(value, signed: bool = False, percent: bool = False) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         return str(value)
+    value = value.item() if isinstance(value, np.generic) else value
     sign = "+" if signed and value > 0 else ""
-    if float(value).is_integer() and abs(value) >= 1:
-        return f"{sign}{int(value):,}" if abs(value) >= 10_000 else f"{sign}{int(value)}"
+    if percent:
+        return f"{sign}{value:.1f}%"
     a = abs(value)
+    if a >= 1e9:
+        return f"{sign}{value:.3g}"
+    if isinstance(value, int) or (float(value).is_integer() and a >= 1):
+        return f"{sign}{int(value):,}" if a >= 10_000 else f"{sign}{int(value)}"
     if a >= 100:
         return f"{sign}{value:,.1f}"
     if a >= 1:
@@ -48,21 +58,26 @@ def display(frame: pd.DataFrame) -> pd.DataFrame:
     cols = list(frame.columns)
     out = {}
     for col in cols:
-        if col.endswith((" std", " n")) and col.rsplit(" ", 1)[0] in cols:
+        if any(col.endswith(sfx) and col.removesuffix(sfx) in cols for sfx in COMPANIONS):
             continue
-        std, n = f"{col} std", f"{col} n"
-        signed = any(s in col for s in SIGNED)
+        std, n, low, high = (f"{col}{sfx}" for sfx in COMPANIONS)
+        signed, pct = any(s in col for s in SIGNED), "%" in col
         header = col
         if std in cols or n in cols:
             header = f"{col} (mean ± std{', n' if n in cols else ''})" if std in cols else f"{col} (n)"
+        elif low in cols and high in cols:
+            header = f"{col} [95% CI]"
         cells = []
         for idx in frame.index:
-            text = number(frame.at[idx, col], signed)
-            has_value = text not in ("–",) and not isinstance(frame.at[idx, col], str)
-            if has_value and std in cols and not pd.isna(frame.at[idx, std]):
-                text += f" ± {number(frame.at[idx, std])}"
-            if has_value and n in cols and not pd.isna(frame.at[idx, n]):
-                text += f" (n={int(frame.at[idx, n])})"
+            value = frame.at[idx, col]
+            text = number(value, signed, pct)
+            if text != "–" and not isinstance(value, str):
+                if std in cols and not pd.isna(frame.at[idx, std]):
+                    text += f" ± {number(frame.at[idx, std])}"
+                if n in cols and not pd.isna(frame.at[idx, n]):
+                    text += f" (n={int(frame.at[idx, n])})"
+                if low in cols and high in cols and not pd.isna(frame.at[idx, low]):
+                    text += f" [{number(frame.at[idx, low], signed, pct)}, {number(frame.at[idx, high], signed, pct)}]"
             cells.append(text)
         out[header] = cells
     return pd.DataFrame(out, index=frame.index)
@@ -76,8 +91,10 @@ def md_table(frame: pd.DataFrame) -> str:
     header = [_escape(c) for c in shown.columns]
     rows = [[_escape(v) for v in row] for row in shown.itertuples(index=False)]
     numeric = [all(_looks_numeric(r[i]) for r in rows) and rows for i in range(len(header))]
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---:" if num else "---" for num in numeric) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---:" if num else "---" for num in numeric) + "|",
+    ]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -87,13 +104,13 @@ def _escape(text) -> str:
 
 
 def _looks_numeric(text: str) -> bool:
-    head = text.split(" ")[0].replace(",", "").lstrip("+-")
-    return head in ("–",) or head.replace(".", "", 1).replace("e", "", 1).replace("-", "", 1).isdigit()
+    head = text.split(" ")[0].replace(",", "").rstrip("%")
+    return head in ("–", "Div.") or bool(_NUMBER.match(head))
 
 
-def section(table: Table, level: int = 2) -> str:
+def section(table: Table, level: int = 2, findings: bool = True) -> str:
     parts = [f"{'#' * level} {table.title}", ""]
-    for finding in table.findings:
+    for finding in table.findings if findings else []:
         parts += [f"**{finding}**", ""]
     if table.note:
         parts += [table.note, ""]
@@ -102,12 +119,13 @@ def section(table: Table, level: int = 2) -> str:
 
 
 def document(title: str, intro: list[str], tables: list[Table], images: list[tuple[str, str]]) -> str:
-    """The one file a reader opens: the intro lines, every table with its title, then the plots."""
+    """The one file a reader opens: the intro lines (the findings among them), every table with its title,
+    then the plots."""
     parts = [f"# {title}", ""]
     for line in intro:
         parts += [line, ""]
     for table in tables:
-        parts.append(section(table))
+        parts.append(section(table, findings=False))
     if images:
         parts += ["## Plots", ""]
         for caption, path in images:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from harness.report.stats import pareto_front
 
@@ -21,7 +22,8 @@ def _colors(labels) -> dict:
     from matplotlib import colormaps
 
     cmap = colormaps["tab10"]
-    return {lab: cmap(i % 10) for i, lab in enumerate(dict.fromkeys(labels))}
+    ordered = sorted(dict.fromkeys(labels), key=lambda s: (not str(s).startswith("none"), str(s)))
+    return {lab: cmap(i % 10) for i, lab in enumerate(ordered)}
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -30,26 +32,49 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def pareto(points: pd.DataFrame, quality: str, ylabel: str, path: Path, teacher: dict | None = None,
-           title: str = "") -> Path:
+def pareto(
+    points: pd.DataFrame, quality: str, ylabel: str, path: Path, teacher: dict | None = None, title: str = ""
+) -> Path:
     """``points``: one row per configuration with ``label``, ``quality``, ``quality std``, ``params`` and
     ``ms_per_image``. Two panels (parameters, ms/image); the front (higher quality at no higher cost) is
     drawn as a step line through ringed points."""
     fig = Figure(figsize=(11, 4.4))
     colors = _colors(points["label"])
-    for ax, cost, xlabel in zip(fig.subplots(1, 2), ("params", "ms_per_image"), ("parameters", "ms/image (inference)")):
-        for lab, sub in points.groupby("label", sort=False):
-            ax.errorbar(sub[cost], sub["quality"], yerr=sub["quality std"].fillna(0), fmt="o", ms=6, capsize=3,
-                        color=colors[lab], label=str(lab), alpha=0.85)
+    for ax, cost, xlabel in zip(
+        fig.subplots(1, 2), ("params", "ms_per_image"), ("parameters", "ms/image (inference)")
+    ):
+        for lab in colors:
+            sub = points[points["label"] == lab]
+            ax.errorbar(
+                sub[cost],
+                sub["quality"],
+                yerr=sub["quality std"].fillna(0),
+                fmt="o",
+                ms=6,
+                capsize=3,
+                color=colors[lab],
+                label=str(lab),
+                alpha=0.85,
+            )
         front = pareto_front(points[cost], points["quality"])
         if front.any():
             f = points[front].sort_values(cost)
             ax.step(f[cost], f["quality"], where="post", color="black", lw=1, ls="--", label="Pareto front")
             ax.scatter(f[cost], f["quality"], s=140, facecolors="none", edgecolors="black", lw=1.2)
         if teacher and np.isfinite(teacher.get(quality, np.nan)) and np.isfinite(teacher.get(cost, np.nan)):
-            ax.scatter([teacher[cost]], [teacher[quality]], marker="*", s=220, color="gold", edgecolors="black",
-                       label=f"teacher {teacher.get('name', '')}", zorder=5)
-        xs = pd.concat([points[cost], pd.Series([teacher.get(cost, np.nan)] if teacher else [], dtype=float)]).dropna()
+            ax.scatter(
+                [teacher[cost]],
+                [teacher[quality]],
+                marker="*",
+                s=220,
+                color="gold",
+                edgecolors="black",
+                label=f"teacher {teacher.get('name', '')}",
+                zorder=5,
+            )
+        xs = pd.concat(
+            [points[cost], pd.Series([teacher.get(cost, np.nan)] if teacher else [], dtype=float)]
+        ).dropna()
         if len(xs) and xs.min() > 0 and xs.max() / xs.min() > 20:
             ax.set_xscale("log")
         ax.set_xlabel(xlabel)
@@ -61,28 +86,55 @@ def pareto(points: pd.DataFrame, quality: str, ylabel: str, path: Path, teacher:
     return _save(fig, path)
 
 
-def by_value(points: pd.DataFrame, x: str, xlabel: str, ylabel: str, path: Path, log: bool = False,
-             title: str = "") -> Path:
+def by_value(
+    points: pd.DataFrame,
+    x: str,
+    xlabel: str,
+    ylabel: str,
+    path: Path,
+    log: bool = False,
+    title: str = "",
+    lines: bool = True,
+) -> Path:
     """Quality against one config value (width, temperature), one line per ``label``; rows whose
     ``quality`` is NaN but that have ``diverged`` set are drawn as red crosses on the bottom edge."""
     fig = Figure(figsize=(6.4, 4.4))
     ax = fig.subplots()
     colors = _colors(points["label"])
     ok = points[points["quality"].notna()]
-    for lab, sub in ok.groupby("label", sort=False):
-        sub = sub.sort_values(x)
-        ax.errorbar(sub[x], sub["quality"], yerr=sub["quality std"].fillna(0), fmt="o-", capsize=3, ms=5,
-                    color=colors[lab], label=str(lab))
+    for lab in colors:
+        sub = ok[ok["label"] == lab].sort_values(x)
+        if not len(sub):
+            continue
+        ax.errorbar(
+            sub[x],
+            sub["quality"],
+            yerr=sub["quality std"].fillna(0),
+            fmt="o-" if lines else "o",
+            capsize=3,
+            ms=5,
+            color=colors[lab],
+            label=str(lab),
+        )
     div = points[points["quality"].isna() & points.get("diverged", False)]
     if len(div):
-        ax.scatter(div[x], [0.0] * len(div), marker="x", s=80, color="red", label="diverged", clip_on=False,
-                   transform=ax.get_xaxis_transform(), zorder=5)
+        ax.scatter(
+            div[x],
+            [0.0] * len(div),
+            marker="x",
+            s=80,
+            color="red",
+            label="diverged",
+            clip_on=False,
+            transform=ax.get_xaxis_transform(),
+            zorder=5,
+        )
     if log:
         ax.set_xscale("log")
     values = sorted(points[x].dropna().unique())
     if len(values) <= 12:
         ax.set_xticks(values)
-        ax.set_xticklabels([f"{v:g}" for v in values])
+        ax.set_xticklabels([f"{v:.3g}" for v in values])
         ax.minorticks_off()
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -93,8 +145,11 @@ def by_value(points: pd.DataFrame, x: str, xlabel: str, ylabel: str, path: Path,
     return _save(fig, path)
 
 
-CURVE_PANELS = (("train/loss", "train loss (total, with KD terms)"), ("train/ce", "train cross-entropy"),
-                ("val/loss", "validation loss"))
+CURVE_PANELS = (
+    ("train/loss", "train loss (total, with KD terms)"),
+    ("train/ce", "train cross-entropy"),
+    ("val/loss", "validation loss"),
+)
 
 
 def loss_curves(curves: pd.DataFrame, labels: dict[str, str], path: Path, title: str = "") -> Path:
@@ -103,7 +158,7 @@ def loss_curves(curves: pd.DataFrame, labels: dict[str, str], path: Path, title:
     fig = Figure(figsize=(4.2 * max(len(panels), 1), 4.0))
     axes = np.atleast_1d(fig.subplots(1, max(len(panels), 1)))
     data = curves.assign(label=curves["run_id"].map(labels)).dropna(subset=["label"])
-    colors = _colors(sorted(set(labels.values()), key=lambda s: (not s.startswith("none"), s)))
+    colors = _colors(labels.values())
     for ax, (key, panel_title) in zip(axes, panels):
         sub = data[data["key"] == key]
         for lab in colors:
@@ -112,9 +167,12 @@ def loss_curves(curves: pd.DataFrame, labels: dict[str, str], path: Path, title:
                 continue
             mean, std = per_epoch.mean(), per_epoch.std().fillna(0)
             ax.plot(mean.index, mean.to_numpy(), marker="o", ms=3, color=colors[lab], label=lab)
-            ax.fill_between(mean.index, (mean - std).to_numpy(), (mean + std).to_numpy(), color=colors[lab], alpha=0.2)
+            ax.fill_between(
+                mean.index, (mean - std).to_numpy(), (mean + std).to_numpy(), color=colors[lab], alpha=0.2
+            )
         ax.set_title(panel_title, fontsize=10)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     if title:

@@ -31,8 +31,13 @@ class Difference:
         return self.computable and (self.low > 0 or self.high < 0)
 
 
-def bootstrap_difference(a: dict[int, float], b: dict[int, float], level: float = 0.95,
-                         resamples: int = RESAMPLES, seed: int = RNG_SEED) -> Difference:
+def bootstrap_difference(
+    a: dict[int, float],
+    b: dict[int, float],
+    level: float = 0.95,
+    resamples: int = RESAMPLES,
+    seed: int = RNG_SEED,
+) -> Difference:
     """Difference of means between seed -> value maps ``a`` and ``b``.
 
     With two or more seeds in common the seed-paired differences are resampled (same student, same seed:

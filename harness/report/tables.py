@@ -15,8 +15,16 @@ from harness.report.groups import best_per, student_keys, temperature, varying
 from harness.report.load import StudyRuns
 from harness.report.markdown import Table
 
-LABELS = {"model.width": "k", "kd.method": "KD method", "kd.temperature": "T", "kd.tau": "τ",
-          "data.source": "dataset", "train.lr": "lr", "kd.alpha": "α", "kd.beta": "β"}
+LABELS = {
+    "model.width": "k",
+    "kd.method": "KD method",
+    "kd.temperature": "T",
+    "kd.tau": "τ",
+    "data.source": "dataset",
+    "train.lr": "lr",
+    "kd.alpha": "α",
+    "kd.beta": "β",
+}
 NON_TERMS = {"loss", "loss_final", "loss_best_epoch", "alpha", "beta"}
 
 
@@ -28,7 +36,9 @@ def quality_label(study: StudyRuns) -> str:
     return "test accuracy" if study.task == "classification" else "test mIoU"
 
 
-def stat(out: pd.DataFrame, rows: pd.DataFrame, metric: str, name: str, n: bool = False, std: bool = True) -> None:
+def stat(
+    out: pd.DataFrame, rows: pd.DataFrame, metric: str, name: str, n: bool = False, std: bool = True
+) -> None:
     """Copy a group metric's mean (and std, n) into ``out`` under a display name."""
     out[name] = rows[metric].to_numpy() if metric in rows else np.nan
     if std:
@@ -59,9 +69,14 @@ def method_table(study: StudyRuns, groups: pd.DataFrame) -> Table | None:
     stat(out, rows, "ms_per_image", "ms/image")
     stat(out, rows, "train_ms_per_image", "training ms/image")
     out["trials"] = trials_text(rows)
-    return Table("methods", "Methods", out, f"One row per KD method{' and student' if len(keys) > 1 else ''}: "
-                 f"the configuration with the best mean {study.objective} among those tried; "
-                 f"mean ± std over seeds, n = seeds. ms/image: inference, batch of one.")
+    return Table(
+        "methods",
+        "Methods",
+        out,
+        f"One row per KD method{' and student' if len(keys) > 1 else ''}: "
+        f"the configuration with the best mean {study.objective} among those tried; "
+        f"mean ± std over seeds, n = seeds. ms/image: inference, batch of one.",
+    )
 
 
 def width_table(study: StudyRuns, groups: pd.DataFrame) -> Table | None:
@@ -69,8 +84,9 @@ def width_table(study: StudyRuns, groups: pd.DataFrame) -> Table | None:
         return None
     keys = ["model.width", *(["kd.method"] if "kd.method" in varying(groups) else [])]
     rows = best_per(groups, keys, study.objective, study.direction)
-    rows = rows.sort_values([f"params.{k}" for k in keys], ascending=[False, *[True] * (len(keys) - 1)],
-                            key=_method_order)
+    rows = rows.sort_values(
+        [f"params.{k}" for k in keys], ascending=[False, *[True] * (len(keys) - 1)], key=_method_order
+    )
     out = keys_frame(rows, keys)
     stat(out, rows, "params", "parameters", std=False)
     stat(out, rows, "test/loss", "test loss")
@@ -78,8 +94,13 @@ def width_table(study: StudyRuns, groups: pd.DataFrame) -> Table | None:
     stat(out, rows, "best_epoch", "best epoch")
     stat(out, rows, study.quality, quality_label(study), n=True)
     out["trials"] = trials_text(rows)
-    return Table("widths", "Student width", out, "Seed 002 Table 1 layout: k = channels of the first stage. "
-                 "Train loss is the training loss at the best-validation epoch; best epoch counts from 0.")
+    return Table(
+        "widths",
+        "Student width",
+        out,
+        "Seed 002 Table 1 layout: k = channels of the first stage. "
+        "Train loss is the training loss at the best-validation epoch; best epoch counts from 0.",
+    )
 
 
 def temperature_table(study: StudyRuns, groups: pd.DataFrame) -> Table | None:
@@ -97,17 +118,33 @@ def temperature_table(study: StudyRuns, groups: pd.DataFrame) -> Table | None:
         if len(rows):
             best = rows.iloc[0]
             for metric, name in (("test/loss", "test loss"), (study.quality, quality_label(study))):
-                rec[name], rec[f"{name} std"], rec[f"{name} n"] = best[metric], best[f"{metric} std"], best[f"{metric} n"]
-            rec["best epoch"] = best["best_epoch"]
+                rec[name], rec[f"{name} std"], rec[f"{name} n"] = (
+                    best[metric],
+                    best[f"{metric} std"],
+                    best[f"{metric} n"],
+                )
+            rec["best epoch"], rec["best epoch std"] = best["best_epoch"], best["best_epoch std"]
             rec["trials"] = ", ".join(map(str, best["trials"]))
         else:
-            rec.update({"test loss": "Div.", quality_label(study): "Div.", "best epoch": "-", "trials": ""})
+            rec.update(
+                {
+                    "test loss": "Div.",
+                    quality_label(study): "Div.",
+                    "best epoch": np.nan,
+                    "trials": ", ".join(str(t) for ts in at_t["trials"] for t in ts),
+                }
+            )
         rec["configs (finished / with diverged seeds / all)"] = f"{finished} / {diverged} / {len(at_t)}"
         records.append(rec)
     out = pd.DataFrame(records)
-    return Table("temperatures", "KD temperature", out, "Seed 002 Table 2 layout: for each temperature the "
-                 f"configuration with the best mean {study.objective}; Div. = every configuration at that "
-                 "temperature diverged (training loss not finite).")
+    return Table(
+        "temperatures",
+        "KD temperature",
+        out,
+        "Seed 002 Table 2 layout: for each temperature the "
+        f"configuration with the best mean {study.objective}; Div. = every configuration at that "
+        "temperature diverged (training loss not finite).",
+    )
 
 
 def seeds_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) -> Table | None:
@@ -134,9 +171,13 @@ def seeds_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) -> 
                 cells.append("Div." if run["state"] == "diverged" else run["state"])
         out[f"seed {s}"] = cells
     stat(out, temps, "test/loss", "test loss", n=True)
-    return Table("seeds_per_temperature", "Test loss per seed and temperature", out,
-                 "Seed 002 Table 3 layout: one row per configuration, one column per seed; "
-                 "Div. = that seed's training diverged.")
+    return Table(
+        "seeds_per_temperature",
+        "Test loss per seed and temperature",
+        out,
+        "Seed 002 Table 3 layout: one row per configuration, one column per seed; "
+        "Div. = that seed's training diverged.",
+    )
 
 
 def classification_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) -> Table | None:
@@ -144,18 +185,31 @@ def classification_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataF
         return None
     rows = best_per(groups, ["data.source", "kd.method"], study.objective, study.direction)
     rows = rows.sort_values(["params.data.source", "method"], key=_method_order)
-    out = pd.DataFrame({"dataset": rows["params.data.source"].to_numpy(),
-                        "loss used": [loss_used(seeds[seeds["group"] == g], m) for g, m in zip(rows["group"], rows["method"])]})
+    out = pd.DataFrame(
+        {
+            "dataset": rows["params.data.source"].to_numpy(),
+            "loss used": [
+                loss_used(seeds[seeds["group"] == g], m) for g, m in zip(rows["group"], rows["method"])
+            ],
+        }
+    )
     stat(out, rows, "test/loss", "test loss")
     stat(out, rows, "test/accuracy", "test accuracy", n=True)
     out["trials"] = trials_text(rows)
-    return Table("classification", "Classification", out, "Seed 003 layout. Loss used: the method and the "
-                 "loss terms its training logged.")
+    return Table(
+        "classification",
+        "Classification",
+        out,
+        "Seed 003 layout. Loss used: the method and the loss terms its training logged.",
+    )
 
 
 def loss_used(seeds: pd.DataFrame, method: str) -> str:
-    terms = [c.removeprefix("metrics.train/") for c in seeds.columns
-             if c.startswith("metrics.train/") and seeds[c].notna().any()]
+    terms = [
+        c.removeprefix("metrics.train/")
+        for c in seeds.columns
+        if c.startswith("metrics.train/") and seeds[c].notna().any()
+    ]
     terms = [t for t in terms if t not in NON_TERMS]
     terms = sorted(terms, key=lambda t: (t != "ce", t))
     return f"{method}: {' + '.join(terms)}" if terms else method
@@ -168,12 +222,19 @@ def best_trials_table(study: StudyRuns, top: int = 5) -> Table:
     out = pd.DataFrame({"trial": done["trial"].astype(int).to_numpy()})
     for metric in dict.fromkeys([study.objective, study.quality]):
         out[metric] = done.get(f"metrics.{metric}", np.nan).to_numpy()
-        out[f"{metric} std"] = done.get(f"metrics.{metric}_std", np.nan).to_numpy()
-        out[f"{metric} n"] = done.get("metrics.n_seeds", np.nan).to_numpy()
+        n_seeds = pd.to_numeric(done.get("metrics.n_seeds", np.nan), errors="coerce")
+        std = pd.to_numeric(done.get(f"metrics.{metric}_std", np.nan), errors="coerce")
+        out[f"{metric} std"] = std.where(n_seeds > 1).to_numpy()  # one seed: no spread, not a spread of 0
+        out[f"{metric} n"] = n_seeds.to_numpy()
     for col in sorted(c for c in done.columns if c.startswith("params.search.")):
         out[label(col.removeprefix("params.search."))] = done[col].to_numpy()
-    return Table("best_trials", "Best trials", out, f"The {len(out)} finished trials with the best "
-                 f"{study.objective} ({study.direction}), with the values the sampler chose.")
+    return Table(
+        "best_trials",
+        "Best trials",
+        out,
+        f"Finished trials ranked by {study.objective} ({study.direction}; top {top}), "
+        "with the values the sampler chose; mean ± std over each trial's seeds.",
+    )
 
 
 def importance_table(importances: dict[str, float], source: str) -> Table:

@@ -1,0 +1,11 @@
+"""``python -m harness.report``: tables (markdown, CSV) and plots (PNG) from a study's MLflow runs.
+
+Modules, one job each: ``load`` (runs -> frames), ``groups`` (configurations pooled over seeds),
+``tables`` and ``compare`` (the tables; KD against the no-KD baseline), ``stats`` (bootstrap, Pareto
+front), ``plots``, ``markdown`` (table writer), ``build`` (one study's folder), ``across`` (all studies).
+"""
+
+from harness.report.build import StudyReport, analyse, write
+from harness.report.load import ReportError, load_study, study_names
+
+__all__ = ["ReportError", "StudyReport", "analyse", "load_study", "study_names", "write"]

@@ -1,0 +1,386 @@
+"""``python -m harness.report`` on a real store: three tiny real sweeps (a kd.method x width grid with two
+seeds, a temperature grid where some learning rates diverge, a classification study), then the tables'
+rows, columns and values are checked against the runs read directly with MlflowClient."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from harness.cli import main as harness_main
+from harness.report.__main__ import main as report_main
+from harness.report.markdown import md_table
+from harness.report.stats import bootstrap_difference, pareto_front
+from harness.tracking import Tracker
+from tests.conftest import TINY_DATA, TINY_TRAIN, write_yaml
+
+SEG_TEACHER = {
+    "name": "tiny_teacher",
+    "data": TINY_DATA,
+    "model": {"name": "unet", "width": 4, "depth": 3},
+    "train": TINY_TRAIN,
+}
+CLS_DATA = {"source": "digits", "seed": 0}
+CLS_TRAIN = {"epochs": 2, "batch_size": 64, "lr": 0.01, "seed": 0}
+
+
+def _studies(root: Path) -> list[Path]:
+    teacher = write_yaml(root / "experiments" / "teacher.yaml", SEG_TEACHER)
+    student = write_yaml(
+        root / "experiments" / "student.yaml",
+        {
+            **SEG_TEACHER,
+            "name": "tiny_student",
+            "model": {"name": "unet", "width": 2, "depth": 3},
+            "teacher": str(teacher),
+        },
+    )
+    cls_teacher = write_yaml(
+        root / "experiments" / "cls_teacher.yaml",
+        {
+            "name": "cls_teacher",
+            "data": CLS_DATA,
+            "model": {"name": "mlp", "hidden": [32], "input_size": 8},
+            "train": CLS_TRAIN,
+        },
+    )
+    cls_student = write_yaml(
+        root / "experiments" / "cls_student.yaml",
+        {
+            "name": "cls_student",
+            "data": CLS_DATA,
+            "model": {"name": "mlp", "hidden": [8], "input_size": 8},
+            "train": CLS_TRAIN,
+            "teacher": str(cls_teacher),
+        },
+    )
+    seg = {
+        "experiment": str(student),
+        "teacher": str(teacher),
+        "objective": {"metric": "val/miou", "direction": "maximize"},
+    }
+    return [
+        write_yaml(
+            root / "studies" / "kdgrid.yaml",
+            {
+                **seg,
+                "budget": {"trials": 4},
+                "sampler": {"name": "grid", "seed": 0},
+                "seeds": [0, 1],
+                "search": {
+                    "kd.method": {"choices": ["none", "response"]},
+                    "model.width": {"choices": [2, 4]},
+                },
+            },
+        ),
+        # sgd at lr 1e30 turns the loss infinite in the first epoch: those trials diverge on every seed
+        write_yaml(
+            root / "studies" / "temps.yaml",
+            {
+                **seg,
+                "budget": {"trials": 3},
+                "sampler": {"name": "grid", "seed": 0},
+                "seeds": [0, 1],
+                "fixed": {"kd.method": "response", "train.optimizer": "sgd"},
+                "search": {
+                    "kd.temperature": {"choices": [1.0, 4.0]},
+                    "train.lr": {"choices": [0.01, 1.0e30]},
+                },
+            },
+        ),
+        write_yaml(
+            root / "studies" / "cls.yaml",
+            {
+                "experiment": str(cls_student),
+                "teacher": str(cls_teacher),
+                "budget": {"trials": 2},
+                "objective": {"metric": "val/accuracy", "direction": "maximize"},
+                "sampler": {"name": "grid", "seed": 0},
+                "seeds": [0],
+                "search": {"kd.method": {"choices": ["none", "response"]}},
+            },
+        ),
+    ]
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions: one thread is several times faster on a busy 2-core machine
+    try:
+        for study in _studies(root):
+            storage = str(root / "journal.log")
+            assert (
+                harness_main(
+                    ["sweep", "--study", str(study), "--storage", storage, "--tracking-uri", uri, "--quiet"]
+                )
+                == 0
+            )
+    finally:
+        torch.set_num_threads(threads)
+    # a study whose sweep has not finished a trial yet: its parent run only
+    Tracker(uri).start_run("empty", "study-empty", tags={"role": "study", "optuna.study": "empty"})
+    out = root / "reports"
+    code = report_main(["--study", "all", "--out", str(out), "--tracking-uri", uri])
+    return SimpleNamespace(root=root, uri=uri, out=out, code=code, client=MlflowClient(uri))
+
+
+def runs(client: MlflowClient, experiment: str) -> dict[str, list]:
+    exp = client.get_experiment_by_name(experiment)
+    by_role: dict[str, list] = {}
+    for run in client.search_runs([exp.experiment_id], max_results=1000):
+        by_role.setdefault(run.data.tags.get("role"), []).append(run)
+    return by_role
+
+
+def seed_runs(client, experiment: str, **params) -> list:
+    """Seed runs of the trials whose params equal ``params`` (values compared as MLflow's strings)."""
+    by_role = runs(client, experiment)
+    trial_ids = {
+        t.info.run_id
+        for t in by_role["trial"]
+        if all(t.data.params.get(k) == str(v) for k, v in params.items())
+    }
+    return [s for s in by_role["seed"] if s.data.tags["mlflow.parentRunId"] in trial_ids]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
+
+
+def finished_metric(seeds: list, metric: str) -> list[float]:
+    return [s.data.metrics[metric] for s in seeds if s.data.tags["state"] == "finished"]
+
+
+def read(swept, study: str, table: str) -> pd.DataFrame:
+    return pd.read_csv(swept.out / study / f"{table}.csv")
+
+
+def test_report_runs_and_writes_every_study(swept):
+    assert swept.code == 0
+    for study in ("kdgrid", "temps", "cls", "all"):
+        assert (swept.out / study / "README.md").stat().st_size > 500
+    assert not (swept.out / "empty").exists()  # skipped with a message, not a traceback
+    summary = read(swept, "all", "summary")
+    assert sorted(summary["study"]) == ["cls", "kdgrid", "temps"]
+    assert dict(zip(summary["study"], summary["trials diverged"])) == {"cls": 0, "kdgrid": 0, "temps": 2}
+
+
+def test_tables_follow_what_each_study_varies(swept):
+    files = {s: {p.name for p in (swept.out / s).iterdir()} for s in ("kdgrid", "temps", "cls")}
+    assert {"methods.csv", "widths.csv", "baseline.csv", "best_trials.csv", "importances.csv"} <= files[
+        "kdgrid"
+    ]
+    assert not {"temperatures.csv", "seeds_per_temperature.csv", "classification.csv"} & files["kdgrid"]
+    assert {"temperatures.csv", "seeds_per_temperature.csv"} <= files["temps"]
+    assert not {"widths.csv", "methods.csv", "classification.csv"} & files["temps"]
+    assert {"classification.csv", "methods.csv"} <= files["cls"] and "widths.csv" not in files["cls"]
+    for study in files:
+        assert {p.removesuffix(".csv") for p in files[study] if p.endswith(".csv")} == {
+            p.removesuffix(".md") for p in files[study] if p.endswith(".md") and p != "README.md"
+        }
+
+
+def test_method_table_matches_the_seed_runs(swept):
+    table = read(swept, "kdgrid", "methods")
+    assert list(table.columns[:5]) == ["KD method", "k", "test mIoU", "test mIoU std", "test mIoU n"]
+    assert {"# parameters", "ms/image", "ms/image std", "training ms/image", "training ms/image std"} <= set(
+        table.columns
+    )
+    assert list(zip(table["KD method"], table["k"])) == [
+        ("none", 2),
+        ("none", 4),
+        ("response", 2),
+        ("response", 4),
+    ]
+    for _, row in table.iterrows():
+        seeds = seed_runs(swept.client, "kdgrid", **{"kd.method": row["KD method"], "model.width": row["k"]})
+        assert sorted(s.data.tags["seed"] for s in seeds) == ["0", "1"]
+        mean, std = mean_std(finished_metric(seeds, "test/miou"))
+        assert row["test mIoU"] == pytest.approx(mean) and row["test mIoU std"] == pytest.approx(std)
+        assert row["test mIoU n"] == 2
+        assert row["# parameters"] == seeds[0].data.metrics["params"]
+        assert row["ms/image"] == pytest.approx(statistics.fmean(finished_metric(seeds, "ms_per_image")))
+
+
+def test_width_table_matches_the_seed_runs(swept):
+    table = read(swept, "kdgrid", "widths")
+    assert list(table["k"]) == [4, 4, 2, 2]  # widest first, as in seed 002's Table 1
+    for _, row in table.iterrows():
+        seeds = seed_runs(swept.client, "kdgrid", **{"kd.method": row["KD method"], "model.width": row["k"]})
+        for column, metric in (
+            ("test loss", "test/loss"),
+            ("train loss", "train/loss_best_epoch"),
+            ("best epoch", "best_epoch"),
+            ("test mIoU", "test/miou"),
+        ):
+            mean, std = mean_std(finished_metric(seeds, metric))
+            assert row[column] == pytest.approx(mean) and row[f"{column} std"] == pytest.approx(
+                std, nan_ok=True
+            )
+        assert row["parameters"] == seeds[0].data.metrics["params"]
+
+
+def test_baseline_difference_interval_and_finding(swept):
+    table = read(swept, "kdgrid", "baseline")
+    assert list(table["k"]) == [2, 4] and set(table["KD method"]) == {"response"}
+    for _, row in table.iterrows():
+        kd = {
+            s.data.tags["seed"]: s.data.metrics["test/miou"]
+            for s in seed_runs(swept.client, "kdgrid", **{"kd.method": "response", "model.width": row["k"]})
+        }
+        none = {
+            s.data.tags["seed"]: s.data.metrics["test/miou"]
+            for s in seed_runs(swept.client, "kdgrid", **{"kd.method": "none", "model.width": row["k"]})
+        }
+        diff = statistics.fmean(kd[s] - none[s] for s in kd)
+        assert row["difference"] == pytest.approx(diff) and row["seeds paired"] == 2
+        assert row["difference CI low"] <= diff + 1e-12 and diff - 1e-12 <= row["difference CI high"]
+        includes_zero = row["difference CI low"] <= 0 <= row["difference CI high"]
+        assert row["significant"] == ("n.s." if includes_zero else "yes")
+    readme = (swept.out / "kdgrid" / "README.md").read_text()
+    assert readme.startswith("# Study kdgrid\n\n**Finding: ")
+    if (table["significant"] == "n.s.").all():
+        assert "No KD method beat the no-KD baseline significantly" in readme
+    cls = read(swept, "cls", "baseline")  # one seed: no interval, said plainly
+    assert cls["significant"].iloc[0] == "n.s. (too few seeds)"
+    assert "Too few seeds to tell" in (swept.out / "cls" / "README.md").read_text()
+
+
+def test_temperature_tables_mark_diverged_runs(swept):
+    by_role = runs(swept.client, "temps")
+    temps = read(swept, "temps", "temperatures")
+    tried = sorted({float(t.data.params["kd.temperature"]) for t in by_role["trial"]})
+    assert list(temps["T"]) == tried
+    for _, row in temps.iterrows():
+        seeds = seed_runs(swept.client, "temps", **{"kd.temperature": row["T"]})
+        done = [s for s in seeds if s.data.tags["state"] == "finished"]
+        if done:  # only the lr 0.01 trial finishes
+            assert float(row["test loss"]) == pytest.approx(
+                statistics.fmean(s.data.metrics["test/loss"] for s in done)
+            )
+        else:
+            assert row["test loss"] == "Div." and row["test mIoU"] == "Div."
+    per_seed = read(swept, "temps", "seeds_per_temperature")
+    assert list(per_seed.columns[:4]) == ["T", "lr", "seed 0", "seed 1"]
+    assert len(per_seed) == len(by_role["trial"]) == 3
+    diverged = 0
+    for _, row in per_seed.iterrows():
+        for seed in (0, 1):
+            (run,) = [
+                s
+                for s in seed_runs(
+                    swept.client, "temps", **{"kd.temperature": row["T"], "train.lr": row["lr"]}
+                )
+                if s.data.tags["seed"] == str(seed)
+            ]
+            if run.data.tags["state"] == "diverged":
+                diverged += 1
+                assert row[f"seed {seed}"] == "Div." and "failure" in run.data.tags
+            else:
+                assert float(row[f"seed {seed}"]) == pytest.approx(run.data.metrics["test/loss"])
+    assert diverged == 4
+    assert "| Div. | Div. |" in (swept.out / "temps" / "README.md").read_text()
+
+
+def test_classification_table(swept):
+    table = read(swept, "cls", "classification")
+    assert list(table.columns[:4]) == ["dataset", "loss used", "test loss", "test loss std"]
+    assert list(table["loss used"]) == ["none: ce", "response: ce + kd"]
+    for _, row in table.iterrows():
+        seeds = seed_runs(swept.client, "cls", **{"kd.method": row["loss used"].split(":")[0]})
+        assert row["dataset"] == "digits"
+        assert row["test accuracy"] == pytest.approx(seeds[0].data.metrics["test/accuracy"])
+        assert row["test accuracy n"] == 1 and np.isnan(row["test accuracy std"])
+
+
+def test_best_trials_and_importances(swept):
+    by_role = runs(swept.client, "kdgrid")
+    trials = sorted(by_role["trial"], key=lambda t: -t.data.metrics["val/miou"])
+    best = read(swept, "kdgrid", "best_trials")
+    assert list(best["trial"]) == [int(t.data.tags["optuna.trial"]) for t in trials]
+    assert best["val/miou"].tolist() == pytest.approx([t.data.metrics["val/miou"] for t in trials])
+    (parent,) = by_role["study"]
+    recorded = {
+        k.removeprefix("importance/"): v
+        for k, v in parent.data.metrics.items()
+        if k.startswith("importance/")
+    }
+    imp = read(swept, "kdgrid", "importances")
+    assert dict(zip(imp["parameter"], imp["importance"])) == pytest.approx(recorded)
+
+
+def test_plots_are_written_and_logged_on_the_parent_run(swept):
+    expected = {
+        "kdgrid": {"pareto", "width", "loss_curves"},
+        "temps": {"pareto", "temperature", "loss_curves"},
+        "cls": {"pareto", "loss_curves"},
+        "all": {"pareto"},
+    }
+    for study, names in expected.items():
+        pngs = {p.stem: p for p in (swept.out / study).glob("*.png")}
+        assert set(pngs) == names
+        for png in pngs.values():
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    (parent,) = runs(swept.client, "kdgrid")["study"]
+    logged = {Path(a.path).name for a in swept.client.list_artifacts(parent.info.run_id, "report")}
+    assert {"README.md", "methods.csv", "methods.md", "pareto.png", "width.png"} <= logged
+
+
+def test_unknown_and_empty_studies_give_one_line(swept, capsys):
+    assert report_main(["--study", "nope", "--tracking-uri", swept.uri, "--out", str(swept.root / "r2")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: no study named nope in ") and "known studies: cls, empty, kdgrid, temps" in err
+    )
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert (
+        report_main(["--study", "empty", "--tracking-uri", swept.uri, "--out", str(swept.root / "r2")]) == 1
+    )
+    assert "study empty has no finished trials yet" in capsys.readouterr().err
+    missing = f"sqlite:///{swept.root / 'nowhere' / 'mlflow.db'}"
+    assert report_main(["--study", "all", "--tracking-uri", missing]) == 2
+    assert "no MLflow store at" in capsys.readouterr().err
+    assert not (swept.root / "nowhere").exists()
+
+
+def test_markdown_merges_mean_std_and_n():
+    frame = pd.DataFrame(
+        {
+            "KD method": ["none", "cwd|x"],
+            "mIoU": [0.1234, 0.2],
+            "mIoU std": [0.01, np.nan],
+            "mIoU n": [3, 1],
+            "params": [2349141, 2349141],
+            "loss": ["Div.", 0.5],
+        }
+    )
+    lines = md_table(frame).splitlines()
+    assert lines[0] == "| KD method | mIoU (mean ± std, n) | params | loss |"
+    assert lines[1] == "|---|---:|---:|---:|"
+    assert lines[2] == "| none | 0.1234 ± 0.0100 (n=3) | 2,349,141 | Div. |"
+    assert lines[3] == "| cwd\\|x | 0.2000 (n=1) | 2,349,141 | 0.5000 |"
+
+
+def test_bootstrap_and_pareto():
+    paired = bootstrap_difference({0: 0.5, 1: 0.6, 2: 0.7}, {0: 0.4, 1: 0.5, 2: 0.6})
+    assert paired.diff == pytest.approx(0.1) and paired.paired == 3
+    assert paired.low == pytest.approx(0.1) and paired.high == pytest.approx(0.1) and paired.significant
+    noisy = bootstrap_difference({0: 0.5, 1: 0.3, 2: 0.6}, {0: 0.4, 1: 0.5, 2: 0.45})
+    assert noisy.low < 0 < noisy.high and not noisy.significant
+    again = bootstrap_difference({0: 0.5, 1: 0.3, 2: 0.6}, {0: 0.4, 1: 0.5, 2: 0.45})
+    assert (again.low, again.high) == (noisy.low, noisy.high)  # the bootstrap's RNG is seeded
+    one = bootstrap_difference({0: 0.5}, {0: 0.4})
+    assert one.diff == pytest.approx(0.1) and not one.computable and not one.significant
+    unpaired = bootstrap_difference({0: 0.5, 1: 0.6}, {5: 0.1, 6: 0.2})
+    assert unpaired.paired == 0 and unpaired.significant
+    assert pareto_front([1, 2, 3, 3], [0.1, 0.3, 0.2, np.nan]).tolist() == [True, True, False, False]
