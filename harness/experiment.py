@@ -167,8 +167,8 @@ def run_experiment(
         run.log_yaml(cfg.model_dump(mode="json"), "config.yaml")
         run.set_tags({**provenance_tags(device), "teacher.source": teacher_source or "none", "teacher.outputs": served or "none"})
         prep = distiller.prepare(_teacher_batches(server, data, cfg, device), device) if server else {}
-        student_params = count_parameters(model)
-        run.log_metrics({"params": student_params, "kd_params": distiller.extra_parameters(), **prep})
+        sizes = {"params": count_parameters(model), "kd_params": distiller.extra_parameters()}
+        run.log_metrics({**sizes, **prep})
 
         def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
             run.log_metrics(metrics, step=epoch)
@@ -181,7 +181,7 @@ def run_experiment(
             run.set_tags({"failure": f"diverged: training loss not finite at epoch {result.diverged_at}"})
             run.end("diverged")
             return Outcome(run.id, "diverged", {}, result, result.step_seconds + cache_seconds)
-        final, test_seconds = finalize(run, model, data, cfg, result, device, autocast)
+        final, test_seconds = finalize(run, model, data, cfg, result, device, autocast, sizes)
         run.end("finished")
         return Outcome(run.id, "finished", final, result, result.step_seconds + cache_seconds + test_seconds)
     except BaseException as exc:
@@ -207,7 +207,7 @@ def _teacher_batches(server, data: DataSplits, cfg: ExperimentConfig, device):
     return batches
 
 
-def finalize(run: Run, model, data: DataSplits, cfg: ExperimentConfig, result: FitResult, device, autocast):
+def finalize(run: Run, model, data: DataSplits, cfg: ExperimentConfig, result: FitResult, device, autocast, sizes: dict):
     """Test metrics of the best-validation epoch, cost measures, checkpoint and prediction grid.
 
     Returns the final metrics and the seconds spent evaluating the test split."""
@@ -217,6 +217,7 @@ def finalize(run: Run, model, data: DataSplits, cfg: ExperimentConfig, result: F
     test_seconds = time.perf_counter() - test_start
     example = _examples(data.val, 1, device)[0]
     final = {
+        **sizes,
         **{f"val/{k}": v for k, v in result.best_val.items()},
         **{f"test/{k}": v for k, v in test.items()},
         "best_epoch": result.best_epoch,

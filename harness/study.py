@@ -174,7 +174,8 @@ class TrialRunner:
         trial.set_user_attr("mlflow_run_id", run.id)
         results, states = [], []
         try:
-            for i, seed in enumerate(self.study.seeds):
+            seeds = [base.train.seed] if "train.seed" in params else self.study.seeds  # a searched seed wins
+            for i, seed in enumerate(seeds):
                 cfg = base.model_copy(update={"train": base.train.model_copy(update={"seed": seed})})
                 outcome = run_experiment(
                     cfg, self.tracker, experiment=self.study.name, run_name=f"trial-{trial.number}-seed-{seed}",
@@ -276,6 +277,7 @@ def optimize(study_cfg: StudyConfig, study: optuna.Study, runner: TrialRunner, *
                 return
             if used_budget(study, before=_next_number(study)) >= trials and not _waiting(study):
                 if not heartbeat or (deadline is not None and time.monotonic() >= deadline):
+                    log.info("the rest of the budget is running in other workers; this worker stops")
                     return
                 time.sleep(min(heartbeat, 10))
                 continue

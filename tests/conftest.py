@@ -5,7 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+
+# The tests' models are tiny: one thread avoids thread start-up costs that dominate such small convolutions.
+torch.set_num_threads(1)
 
 TINY_DATA = {"source": "digits_seg", "image_size": 32, "train": 48, "val": 16, "test": 16, "seed": 0}
 TINY_TRAIN = {"epochs": 2, "batch_size": 16, "lr": 0.01, "seed": 0}
