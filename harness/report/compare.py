@@ -65,7 +65,7 @@ def baseline_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) 
                 {
                     **rec,
                     "significant": "no baseline: no `none` run with this student",
-                    "trials KD / none": f"{', '.join(map(str, row['trials']))} / –",
+                    "trial # KD / none": f"{', '.join(map(str, row['trials']))} / –",
                 }
             )
             continue
@@ -89,7 +89,7 @@ def baseline_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) 
                 "gap closed %": 100 * d.diff / gap if gap > 0 else np.nan,
                 "gap closed % CI low": 100 * d.low / gap if gap > 0 else np.nan,
                 "gap closed % CI high": 100 * d.high / gap if gap > 0 else np.nan,
-                "trials KD / none": f"{', '.join(map(str, row['trials']))} / {', '.join(map(str, base['trials']))}",
+                "trial # KD / none": f"{', '.join(map(str, row['trials']))} / {', '.join(map(str, base['trials']))}",
             }
         )
         records.append(rec)

@@ -68,7 +68,7 @@ def method_table(study: StudyRuns, groups: pd.DataFrame) -> Table | None:
         stat(out, rows, "kd_params", "KD parameters (training only)", std=False)
     stat(out, rows, "ms_per_image", "ms/image")
     stat(out, rows, "train_ms_per_image", "training ms/image")
-    out["trials"] = trials_text(rows)
+    out["trial #"] = trials_text(rows)
     return Table(
         "methods",
         "Methods",
@@ -93,7 +93,7 @@ def width_table(study: StudyRuns, groups: pd.DataFrame) -> Table | None:
     stat(out, rows, "train/loss_best_epoch", "train loss")
     stat(out, rows, "best_epoch", "best epoch")
     stat(out, rows, study.quality, quality_label(study), n=True)
-    out["trials"] = trials_text(rows)
+    out["trial #"] = trials_text(rows)
     return Table(
         "widths",
         "Student width",
@@ -124,14 +124,14 @@ def temperature_table(study: StudyRuns, groups: pd.DataFrame) -> Table | None:
                     best[f"{metric} n"],
                 )
             rec["best epoch"], rec["best epoch std"] = best["best_epoch"], best["best_epoch std"]
-            rec["trials"] = ", ".join(map(str, best["trials"]))
+            rec["trial #"] = ", ".join(map(str, best["trials"]))
         else:
             rec.update(
                 {
                     "test loss": "Div.",
                     quality_label(study): "Div.",
                     "best epoch": np.nan,
-                    "trials": ", ".join(str(t) for ts in at_t["trials"] for t in ts),
+                    "trial #": ", ".join(str(t) for ts in at_t["trials"] for t in ts),
                 }
             )
         rec["configs (finished / with diverged seeds / all)"] = f"{finished} / {diverged} / {len(at_t)}"
@@ -195,7 +195,7 @@ def classification_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataF
     )
     stat(out, rows, "test/loss", "test loss")
     stat(out, rows, "test/accuracy", "test accuracy", n=True)
-    out["trials"] = trials_text(rows)
+    out["trial #"] = trials_text(rows)
     return Table(
         "classification",
         "Classification",
