@@ -40,7 +40,7 @@ report: setup
 	$(PY) -m harness.report --study $(REPORT)
 
 dashboard: setup
-	$(VENV)/bin/optuna-dashboard $(if $(STORAGE),$(STORAGE),mlruns/optuna/journal.log) --host $(HOST) --port 8080
+	$(VENV)/bin/optuna-dashboard $(if $(STORAGE),$(subst postgresql://,postgresql+psycopg2://,$(STORAGE)),mlruns/optuna/journal.log) --host $(HOST) --port 8080
 
 # Scale-out (docs/scale-out.md). `make server`: MLflow tracking server on $(HOST):$(PORT) over BACKEND (a
 # PostgreSQL URL; default: a PostgreSQL of our own in mlruns/postgres on 127.0.0.1:$(PGPORT), which also holds

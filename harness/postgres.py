@@ -78,13 +78,17 @@ def _run_as() -> tuple[list[str], pwd.struct_passwd | None]:
         if shutil.which("runuser"):
             return ["runuser", "-u", name, "--"], account
         return ["su", name, "-s", "/bin/sh", "-c", '"$0" "$@"'], account
-    raise HarnessError("PostgreSQL refuses to run as root and there is no 'postgres' user; create one (adduser --system postgres)")
+    raise HarnessError(
+        "PostgreSQL refuses to run as root and there is no 'postgres' user; create one (adduser --system postgres)"
+    )
 
 
 class PostgresServer:
     """One PostgreSQL cluster in ``datadir``, listening on ``host:port``."""
 
-    def __init__(self, datadir: str | Path, port: int | None = None, host: str = "127.0.0.1", durable: bool = True):
+    def __init__(
+        self, datadir: str | Path, port: int | None = None, host: str = "127.0.0.1", durable: bool = True
+    ):
         bindir = find_bindir()
         if bindir is None:
             raise HarnessError(f"PostgreSQL binaries not found; {INSTALL_HINT}")
@@ -97,7 +101,9 @@ class PostgresServer:
 
     @property
     def version(self) -> str:
-        out = subprocess.run([str(self.bindir / "postgres"), "--version"], capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [str(self.bindir / "postgres"), "--version"], capture_output=True, text=True
+        ).stdout
         found = re.search(r"\d+(\.\d+)+", out)
         return found.group(0) if found else out.strip()
 
@@ -107,7 +113,9 @@ class PostgresServer:
     def _cmd(self, name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         proc = subprocess.run([*self.prefix, str(self.bindir / name), *args], capture_output=True, text=True)
         if check and proc.returncode != 0:
-            raise HarnessError(f"{name} failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()[-800:]}")
+            raise HarnessError(
+                f"{name} failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()[-800:]}"
+            )
         return proc
 
     def initialized(self) -> bool:
@@ -121,8 +129,18 @@ class PostgresServer:
         if self.account is not None:
             os.chown(self.datadir, self.account.pw_uid, self.account.pw_gid)
         self.datadir.chmod(0o700)
-        self._cmd("initdb", "-D", str(self.datadir), "-U", USER, "--auth=trust", "-E", "UTF8", "--locale=C",
-                  "--no-instructions")
+        self._cmd(
+            "initdb",
+            "-D",
+            str(self.datadir),
+            "-U",
+            USER,
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-instructions",
+        )
 
     def running(self) -> bool:
         return self._cmd("pg_ctl", "-D", str(self.datadir), "status", check=False).returncode == 0
@@ -131,8 +149,20 @@ class PostgresServer:
         opts = f"-h {self.host} -p {self.port} -k {self.datadir}"
         if not self.durable:
             opts += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-        proc = self._cmd("pg_ctl", "-D", str(self.datadir), "-l", str(self.datadir / "server.log"), "-w",
-                         "-t", str(timeout), "-o", opts, "start", check=False)
+        proc = self._cmd(
+            "pg_ctl",
+            "-D",
+            str(self.datadir),
+            "-l",
+            str(self.datadir / "server.log"),
+            "-w",
+            "-t",
+            str(timeout),
+            "-o",
+            opts,
+            "start",
+            check=False,
+        )
         if proc.returncode != 0:
             log = self.datadir / "server.log"
             tail = log.read_text(errors="replace")[-800:] if log.is_file() else proc.stderr
@@ -180,7 +210,9 @@ def persistent(datadir: str | Path, port: int, databases: tuple[str, ...] = ("op
     server = PostgresServer(datadir, port=port)
     server.init()
     if server.running():
-        raise HarnessError(f"a PostgreSQL server already runs on {server.datadir}; stop it or use another --dir")
+        raise HarnessError(
+            f"a PostgreSQL server already runs on {server.datadir}; stop it or use another --dir"
+        )
     server.start()
     try:
         for name in databases:
@@ -191,12 +223,16 @@ def persistent(datadir: str | Path, port: int, databases: tuple[str, ...] = ("op
 
 
 def _interrupt(*_) -> None:
+    """SIGTERM handler: unwind like Ctrl-C, so servers we started are stopped."""
     raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m harness.postgres", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m harness.postgres",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--dir", default="mlruns/postgres", help="data folder (created on first use)")
     p.add_argument("--port", type=int, default=5433)
     p.add_argument("--db", action="append", help="databases to create (default: optuna and mlflow)")

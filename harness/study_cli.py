@@ -69,7 +69,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    from harness.sweep import ensure_teacher, open_parent, run_in_process
+    from harness.sweep import ensure_teacher, finish_parent, open_parent, run_in_process
     from harness.tracking import Tracker
 
     study = _prepare(args)
@@ -82,7 +82,9 @@ def cmd_worker(args) -> int:
     heartbeat = args.heartbeat if args.heartbeat is not None else (30 if _is_rdb(args.storage) else None)
     worker = args.worker_index if args.worker_index is not None else os.getpid()
     state = run_in_process(study, tracker, parent, args.storage, quiet=args.quiet, heartbeat=heartbeat, worker=worker)
-    return 0 if state in ("finished", "spent") else (130 if state == "interrupted" else 1)
+    if state == "spent":  # every worker that sees the budget spent updates the parent run's summary and closes it
+        return finish_parent(study, tracker, parent, args.storage, "finished", announce=not args.quiet)
+    return 0 if state == "finished" else (130 if state == "interrupted" else 1)
 
 
 def gpu_slots(per_gpu: int = 1) -> list[str]:

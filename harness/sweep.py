@@ -86,7 +86,8 @@ def watch(study: StudyConfig, storage: str | None, done, quiet=False, every: flo
         display.refresh()
 
 
-def finish_parent(study: StudyConfig, tracker: Tracker, parent: Run, storage: str | None, state: str) -> int:
+def finish_parent(study: StudyConfig, tracker: Tracker, parent: Run, storage: str | None, state: str,
+                  announce: bool = True) -> int:
     optuna_study = open_study(study, storage)
     summary = summarize(optuna_study)
     counts, best = summary["counts"], summary["best"]
@@ -103,6 +104,8 @@ def finish_parent(study: StudyConfig, tracker: Tracker, parent: Run, storage: st
         console.print(f"[yellow]interrupted[/yellow] ({line}); run the same command again to resume")
         return 130
     parent.end("finished")
+    if not announce:
+        return 0
     console.print(f"[green]study {study.name}[/green]: {line}")
     if best:
         console.print(f"best trial {best['number']}: {study.objective.metric} = {best['value']:.4f} with {best['params']}")

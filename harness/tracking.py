@@ -19,7 +19,9 @@ DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 PARAM_VALUE_LIMIT = 6000
 
 # run status in MLflow for each way a training run can end
-RUN_STATUS = {"finished": "FINISHED", "failed": "FAILED", "diverged": "FAILED", "pruned": "KILLED", "interrupted": "KILLED"}
+RUN_STATUS = {
+    "finished": "FINISHED", "failed": "FAILED", "diverged": "FAILED", "pruned": "KILLED", "interrupted": "KILLED", "abandoned": "KILLED",
+}
 
 
 def tracking_uri(uri: str | None = None) -> str:

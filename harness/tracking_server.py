@@ -35,16 +35,35 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
     raise HarnessError(f"mlflow server at {url} not healthy after {timeout:.0f} s")
 
 
-def server_command(backend: str, artifacts: str | Path, host: str = "127.0.0.1", port: int = 5000,
-                   workers: int | None = None, allowed_hosts: str | None = None) -> list[str]:
+def server_command(
+    backend: str,
+    artifacts: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 5000,
+    workers: int | None = None,
+    allowed_hosts: str | None = None,
+) -> list[str]:
     """``mlflow server`` over ``backend`` that stores artifacts under ``artifacts`` and serves them to clients
     (``--serve-artifacts``): workers on other machines upload and download through the server, so only the
     server needs the artifact folder (a local disk, a shared file system or an object store URI)."""
     from harness.postgres import sqlalchemy_url
 
     destination = str(artifacts) if "://" in str(artifacts) else Path(artifacts).resolve().as_uri()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", sqlalchemy_url(backend),
-           "--artifacts-destination", destination, "--serve-artifacts", "--host", host, "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        sqlalchemy_url(backend),
+        "--artifacts-destination",
+        destination,
+        "--serve-artifacts",
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
     if workers:
         cmd += ["--workers", str(workers)]
     if allowed_hosts:
@@ -53,14 +72,22 @@ def server_command(backend: str, artifacts: str | Path, host: str = "127.0.0.1",
 
 
 @contextlib.contextmanager
-def serve(backend: str, artifacts: str | Path, port: int | None = None, workers: int = 2, log: str | Path | None = None):
+def serve(
+    backend: str,
+    artifacts: str | Path,
+    port: int | None = None,
+    workers: int = 2,
+    log: str | Path | None = None,
+):
     """An ``mlflow server`` on a free loopback port for the block; yields its URL."""
     port = port or free_port()
     out = open(log, "ab") if log else subprocess.DEVNULL
-    proc = subprocess.Popen(server_command(backend, artifacts, port=port, workers=workers), stdout=out, stderr=out)
+    proc = subprocess.Popen(
+        server_command(backend, artifacts, port=port, workers=workers), stdout=out, stderr=out
+    )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, proc)
+        wait_healthy(url, proc, timeout=180)  # schema migrations on a fresh database, on a busy machine
         yield url
     finally:
         _stop(proc)
@@ -85,8 +112,22 @@ def local_server(backend_uri: str):
         return
     artifacts = Path(backend_uri.removeprefix("sqlite:///")).resolve().parent / "artifacts"
     port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
-           "--default-artifact-root", artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        backend_uri,
+        "--default-artifact-root",
+        artifacts.as_uri(),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "2",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -109,23 +150,37 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import os
 
-    p = argparse.ArgumentParser(prog="python -m harness.tracking_server", description=main.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", default=os.environ.get("BACKEND") or None,
-                   help="MLflow's database, e.g. postgresql://user:pw@dbhost:5432/mlflow (default: a PostgreSQL of our own)")
-    p.add_argument("--artifacts", default="mlruns/server-artifacts", help="artifact folder or URI, served to clients")
+    p = argparse.ArgumentParser(
+        prog="python -m harness.tracking_server",
+        description=main.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--backend",
+        default=os.environ.get("BACKEND") or None,
+        help="MLflow's database, e.g. postgresql://user:pw@dbhost:5432/mlflow (default: a PostgreSQL of our own)",
+    )
+    p.add_argument(
+        "--artifacts", default="mlruns/server-artifacts", help="artifact folder or URI, served to clients"
+    )
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 for other machines)")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--workers", type=int, default=None, help="server processes (mlflow's default: 4)")
-    p.add_argument("--allowed-hosts", default=None, help="Host headers to accept beyond localhost and private IPs")
-    p.add_argument("--pg-dir", default="mlruns/postgres", help="data folder of our own PostgreSQL (no --backend)")
-    p.add_argument("--pg-port", type=int, default=5433, help="port of our own PostgreSQL, on 127.0.0.1 (no --backend)")
+    p.add_argument(
+        "--allowed-hosts", default=None, help="Host headers to accept beyond localhost and private IPs"
+    )
+    p.add_argument(
+        "--pg-dir", default="mlruns/postgres", help="data folder of our own PostgreSQL (no --backend)"
+    )
+    p.add_argument(
+        "--pg-port", type=int, default=5433, help="port of our own PostgreSQL, on 127.0.0.1 (no --backend)"
+    )
     args = p.parse_args(argv)
 
     def run(backend: str) -> int:
         cmd = server_command(backend, args.artifacts, args.host, args.port, args.workers, args.allowed_hosts)
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-        print(" ".join(cmd[1:]), flush=True)
+        print("mlflow " + " ".join(cmd[3:]), flush=True)
         print(f"tracking server: TRACKING=http://{host}:{args.port}  (Ctrl-C stops it)", flush=True)
         proc = subprocess.Popen(cmd)
         try:
@@ -134,10 +189,14 @@ def main(argv: list[str] | None = None) -> int:
             _stop(proc)
             return 0
 
+    import signal
+
+    from harness.postgres import _interrupt, persistent
+
+    signal.signal(signal.SIGTERM, _interrupt)  # stop PostgreSQL on `kill` as on Ctrl-C
     try:
         if args.backend:
             return run(args.backend)
-        from harness.postgres import persistent
 
         with persistent(args.pg_dir, args.pg_port) as pg:
             print(f"PostgreSQL {pg.version} on 127.0.0.1:{pg.port}, data in {pg.datadir}", flush=True)

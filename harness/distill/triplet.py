@@ -8,7 +8,8 @@ side when the widths differ:
 n is a random sample of the batch with a different class (``sample_negatives``). A sample's class is its
 label (classification) or, for segmentation, the most frequent class of its pixels other than background
 and ignore (background when it has no other pixels). Anchors with no other-class sample in the batch are
-left out; a batch with none gives 0.
+left out; a batch with none gives 0. ``sample_triplets`` is seed 003's anchor / positive / negative sampler
+(positive: another sample of the anchor's class), for losses that need positives.
 """
 
 from __future__ import annotations
@@ -67,6 +68,31 @@ def sample_negatives(
     weights = torch.where(valid[:, None], other.float(), torch.ones_like(other, dtype=torch.float))
     idx = torch.multinomial(weights, 1, generator=generator).squeeze(1)
     return torch.where(valid, idx, torch.full_like(idx, -1)).to(targets.device)
+
+
+def sample_triplets(
+    targets: torch.Tensor,
+    generator: torch.Generator | None = None,
+    ignore_index: int = 255,
+    background: int | None = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seed 003's anchor / positive / negative sampler, within a batch: index tensors (anchor, positive,
+    negative) of equal length, one triplet per sample that has another sample of its class (the positive,
+    a different sample) and a sample of another class (the negative), both drawn uniformly. Samples without
+    a label (see ``image_labels``) take no part. The loss above (Oki's E_ourKD) needs only anchors and
+    negatives; the positives serve metric-learning triplet losses."""
+    labels = image_labels(targets, ignore_index, background).cpu()
+    known = labels >= 0
+    pair = known[:, None] & known[None, :]
+    same = (labels[:, None] == labels[None, :]) & pair & ~torch.eye(len(labels), dtype=torch.bool)
+    other = (labels[:, None] != labels[None, :]) & pair
+    anchor = (same.any(1) & other.any(1)).nonzero().squeeze(1)
+    if anchor.numel() == 0:
+        empty = torch.empty(0, dtype=torch.long, device=targets.device)
+        return empty, empty.clone(), empty.clone()
+    positive = torch.multinomial(same[anchor].float(), 1, generator=generator).squeeze(1)
+    negative = torch.multinomial(other[anchor].float(), 1, generator=generator).squeeze(1)
+    return tuple(t.to(targets.device) for t in (anchor, positive, negative))
 
 
 @KD_METHODS.register(TripletConfig)
