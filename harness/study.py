@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 
 from harness.config import load_experiment
 from harness.experiment import run_experiment
-from harness.study_config import StudyConfig
+from harness.study_config import StudyConfig, example_experiment
 from harness.tracking import Tracker
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)  # our display reports trial outcomes
@@ -97,7 +97,7 @@ def make_pruner(study: StudyConfig):
     if p.name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials, n_warmup_steps=p.warmup_epochs)
     if p.name == "hyperband":
-        epochs = load_experiment(study.experiment, study.overrides({})).train.epochs
+        epochs = example_experiment(study).train.epochs
         return optuna.pruners.HyperbandPruner(min_resource=max(1, p.warmup_epochs), max_resource=epochs)
     return optuna.pruners.NopPruner()
 

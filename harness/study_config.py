@@ -9,7 +9,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from harness.config import apply_overrides, build_experiment, describe_validation_error, read_yaml
+from harness.config import (
+    ExperimentConfig,
+    apply_overrides,
+    build_experiment,
+    describe_validation_error,
+    load_experiment,
+    read_yaml,
+)
 from harness.errors import ConfigError
 
 FINAL_METRICS = ("params", "kd_params", "flops", "ms_per_image", "train_images_per_s", "train_ms_per_image", "best_epoch")
@@ -201,18 +208,30 @@ def load_study(path: str | Path) -> StudyConfig:
     return study
 
 
-def check_search_space(study: StudyConfig, source: str) -> None:
-    """Build the experiment config at every combination of categorical values and at the ends of every
-    range, so a misspelt key or an impossible value fails now rather than in trial 17."""
-    base = read_yaml(study.experiment)
-    base.setdefault("name", Path(study.experiment).stem)
+def example_params(study: StudyConfig, limit: int = 512):
+    """Sampled-parameter dicts covering every combination of categorical values and both ends of every
+    range (conditional parameters only where active), at most ``limit`` of them."""
     keys = list(study.search)
-    for combo in itertools.islice(itertools.product(*(study.search[k].example_values() for k in keys)), 512):
+    for combo in itertools.islice(itertools.product(*(study.search[k].example_values() for k in keys)), limit):
         params: dict[str, Any] = {}
         values = dict(study.fixed)
         for k, v in zip(keys, combo):
             if study.search[k].active(values):
                 params[k] = values[study.search[k].target(k)] = v
+        yield params
+
+
+def example_experiment(study: StudyConfig) -> ExperimentConfig:
+    """The experiment config of the first example trial (to find the teacher, the epoch count, ...)."""
+    return load_experiment(study.experiment, study.overrides(next(example_params(study))))
+
+
+def check_search_space(study: StudyConfig, source: str) -> None:
+    """Build the experiment config of every example trial, so a misspelt key or an impossible value fails
+    now rather than in trial 17."""
+    base = read_yaml(study.experiment)
+    base.setdefault("name", Path(study.experiment).stem)
+    for params in example_params(study):
         tree = apply_overrides(base, study.overrides(params))
         try:
             build_experiment(tree, source)

@@ -8,13 +8,13 @@ from harness.config import load_experiment
 from harness.experiment import TEACHER_EXPERIMENT, run_experiment
 from harness.progress import StudyDisplay, console
 from harness.study import TrialRunner, importances, open_study, optimize, summarize, used_budget
-from harness.study_config import StudyConfig
+from harness.study_config import StudyConfig, example_experiment
 from harness.tracking import Run, Tracker
 
 
 def ensure_teacher(study: StudyConfig, tracker: Tracker) -> None:
     """Train the study's teacher now if no earlier run has the same config, so trials never train it."""
-    cfg = load_experiment(study.experiment, study.overrides({}))
+    cfg = example_experiment(study)
     if not cfg.teacher or cfg.teacher.endswith((".pt", ".pth")):
         return
     teacher = load_experiment(cfg.teacher)

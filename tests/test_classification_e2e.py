@@ -107,4 +107,5 @@ def test_report_classification_table_has_a_row_per_preset(swept, tmp_path):
     )
     lines = (tmp_path / name / "classification.md").read_text().splitlines()
     rows = [line for line in lines if line.startswith("| ")][1:]  # the header, then one line per row
-    assert len(rows) == len(PRESETS) and all(row.count(" ± ") == 2 for row in rows)  # loss, accuracy: mean ± std
+    # test loss and test accuracy as mean ± std in every row
+    assert len(rows) == len(PRESETS) and all(row.count(" ± ") == 2 for row in rows)

@@ -84,6 +84,15 @@ def _col(frame: pd.DataFrame, name: str, default=None) -> pd.Series:
     return frame[name] if name in frame else pd.Series(default, index=frame.index, dtype=object)
 
 
+def method_label(frame: pd.DataFrame) -> pd.Series:
+    """The KD method as tables name it: ``kd.method``, or a combo's preset (its ``hard`` preset is the
+    no-KD baseline, ``none``)."""
+    method = _col(frame, "params.kd.method", "none").fillna("none")
+    preset = _col(frame, "params.kd.preset")
+    is_combo = (method == "combo") & preset.notna()
+    return method.where(~is_combo, preset.map(lambda p: "none" if p == "hard" else f"combo: {p}"))
+
+
 def load_study(tracker: Tracker, name: str) -> StudyRuns:
     runs = tracker.runs_frame([name])
     if not len(runs):
@@ -96,7 +105,9 @@ def load_study(tracker: Tracker, name: str) -> StudyRuns:
     for frame in (trials, seeds):
         frame["trial"] = pd.to_numeric(_col(frame, "tags.optuna.trial"), errors="coerce").astype("Int64")
         frame["state"] = _col(frame, "tags.state", "unknown").fillna("unknown")
-        frame["method"] = _col(frame, "params.kd.method", "none").fillna("none")
+        frame["method"] = method_label(frame)
+        if "params.kd.method" in frame:  # tables key on kd.method: let a combo's preset stand for it
+            frame["params.kd.method"] = frame["method"].where(frame["params.kd.method"].notna())
     seeds["seed"] = pd.to_numeric(_col(seeds, "tags.seed"), errors="coerce").astype("Int64")
     seeds["trial_run"] = _col(seeds, "tags.mlflow.parentRunId")
     trials = trials.sort_values("trial").reset_index(drop=True)
