@@ -7,7 +7,7 @@ harness trial is a full ``run_experiment`` (MLflow run, teacher outputs cached o
 evaluation, checkpoint, ms/image, prediction PNG). The teacher's weights are untrained: speed does not
 depend on them.
 
-    python benchmarks/trial_vs_plain.py [--epochs 4]
+    python benchmarks/trial_vs_plain.py [--epochs 8]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from harness.config import build_experiment  # noqa: E402
 from harness.data import load_data  # noqa: E402
 from harness.experiment import run_experiment  # noqa: E402
 from harness.models.unet import UNet  # noqa: E402
+from harness.teacher import _CACHE as teacher_cache  # noqa: E402
 from harness.teacher import checkpoint_payload  # noqa: E402
 from harness.tracking import Tracker  # noqa: E402
 
@@ -100,7 +101,7 @@ def harness_trial(teacher_path: Path, epochs: int, batch_size: int, temperature:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
     dev = device()
@@ -112,20 +113,29 @@ def main() -> None:
         path = Path(tmp) / "teacher.pt"
         torch.save(checkpoint_payload(teacher, cfg, load_data(cfg.data)), path)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
-        # warm both paths once (imports, allocator, first-call costs), then measure
-        harness_trial(path, 1, args.batch_size, 4.0, os.environ["MLFLOW_TRACKING_URI"])
-        h_wall, h_steps = harness_trial(path, args.epochs, args.batch_size, 4.0, os.environ["MLFLOW_TRACKING_URI"])
+        store = os.environ["MLFLOW_TRACKING_URI"]
+        harness_trial(path, 1, args.batch_size, 4.0, store)  # warm-up: imports, data, first-call costs
+        teacher_cache.clear()  # the first trial of a study computes the teacher's outputs ...
+        first_wall, first_compute = harness_trial(path, args.epochs, args.batch_size, 4.0, store)
+        later_wall, later_compute = harness_trial(path, args.epochs, args.batch_size, 4.0, store)  # ... later ones reuse them
         p_wall = plain_loop(teacher, args.epochs, args.batch_size, 4.0, dev)
     rows = [
-        {"loop": "plain (DataLoader, live teacher, .item() per step)", "wall s": f"{p_wall:.1f}", "images/s": f"{n_images / p_wall:.0f}"},
-        {"loop": "harness trial (whole run_experiment)", "wall s": f"{h_wall:.1f}", "images/s": f"{n_images / h_wall:.0f}"},
+        {"loop": "plain (DataLoader, live teacher, .item() per step)", "wall s": f"{p_wall:.1f}",
+         "images/s": f"{n_images / p_wall:.0f}", "speed-up": "1.00x"},
+        {"loop": "harness, first trial of a study (computes the teacher cache)", "wall s": f"{first_wall:.1f}",
+         "images/s": f"{n_images / first_wall:.0f}", "speed-up": f"{p_wall / first_wall:.2f}x"},
+        {"loop": "harness, every later trial (reuses the cache)", "wall s": f"{later_wall:.1f}",
+         "images/s": f"{n_images / later_wall:.0f}", "speed-up": f"{p_wall / later_wall:.2f}x"},
     ]
+    h_wall, h_steps = first_wall, first_compute
     overhead = (h_wall - h_steps) / h_wall
     body = (
         f"Response KD, teacher k=32 -> student k=8, digits_seg 64x64, {DATA['train']} training images, "
-        f"{args.epochs} epochs, batch {args.batch_size}, seed 0.\n\n{table(rows, ['loop', 'wall s', 'images/s'])}\n\n"
-        f"**Speed-up: {p_wall / h_wall:.2f}x** (target >= 3x).\n\n"
-        f"**Overhead** (trial wall time outside training and evaluation steps, over trial wall time): "
+        f"{args.epochs} epochs, batch {args.batch_size}, seed 0. Images/s counts training images "
+        f"(epochs x 1,000) over the whole wall time of each.\n\n{table(rows, ['loop', 'wall s', 'images/s', 'speed-up'])}\n\n"
+        f"**Speed-up: {p_wall / first_wall:.2f}x for a study's first trial, {p_wall / later_wall:.2f}x for the others** "
+        "(target >= 3x).\n\n"
+        f"**Overhead** of the first trial (wall time outside training and evaluation steps, over wall time): "
         f"{100 * overhead:.1f}% ({h_wall - h_steps:.2f} s of {h_wall:.1f} s; target < 3%). Compute is the training "
         "and validation steps, caching the teacher's outputs and the final test evaluation; the overhead is the "
         "rest: building the model and KD method, MLflow logging, FLOP count, ms/image timing, checkpoint and "
