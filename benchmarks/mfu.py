@@ -1,7 +1,7 @@
 """Benchmark 3: model FLOP utilisation of k-UNet training steps against the machine's measured matmul peak.
 
 Training FLOPs per step are counted by torch's FlopCounterMode over one forward + backward; achieved
-FLOP/s = FLOPs per step / median step time. The peak is the best of repeated 2048x2048 (CPU) or 8192x8192
+FLOP/s = FLOPs per step / median step time. The peak is the best of repeated 4096x4096 (CPU) or 8192x8192
 (GPU) matmuls in the same precision as training (fp32 on CPU, bf16 autocast on CUDA).
 
     python benchmarks/mfu.py [--widths 8 32 64] [--batch 16]
@@ -32,10 +32,10 @@ def sync(dev):
 
 
 def matmul_peak(dev, autocast) -> float:
-    n = 8192 if dev.type == "cuda" else 2048
+    n = 8192 if dev.type == "cuda" else 4096
     a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
     best = float("inf")
-    for i in range(12):
+    for i in range(10):
         sync(dev)
         start = time.perf_counter()
         with autocast():
