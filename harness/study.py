@@ -28,6 +28,7 @@ from harness.tracking import Tracker
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)  # our display reports trial outcomes
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", message="Target and region quantiles")
 log = logging.getLogger(__name__)
 
 DEFAULT_JOURNAL = "mlruns/optuna/journal.log"

@@ -86,3 +86,21 @@ def test_study_end_to_end_with_resume(tmp_path, store, study_file):
     teacher_runs = runs_by_role(client, "teachers")["teacher"]
     assert len(teacher_runs) == 1
     assert all(teacher_runs[0].info.run_id in r.data.tags["teacher.source"] for r in roles["seed"])
+
+
+def test_two_local_workers_share_one_study(tmp_path, store, tiny_teacher):
+    """WORKERS=2: two processes on the journal storage, logging through one local MLflow server."""
+    study = write_yaml(tmp_path / "studies" / "two.yaml", {
+        "experiment": str(tiny_teacher), "budget": {"trials": 4}, "sampler": {"name": "random", "seed": 0},
+        "search": {"train.lr": {"low": 0.001, "high": 0.05, "log": True}},
+    })
+    journal = str(tmp_path / "journal.log")
+    assert main(["sweep", "--study", str(study), "--storage", journal, "--workers", "2", "--quiet"]) == 0
+    trials = optuna.load_study(study_name="two", storage=optuna.storages.journal.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(journal))).get_trials()
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 4 and len({t.params["train.lr"] for t in complete}) == 4  # no duplicated proposals
+    roles = runs_by_role(MlflowClient(store), "two")
+    assert len(roles["study"]) == 1 and roles["study"][0].info.status == "FINISHED"
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in roles["trial"] if r.data.tags["state"] == "finished") == sorted(
+        t.number for t in complete)
