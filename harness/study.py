@@ -22,6 +22,7 @@ import optuna
 from optuna.trial import TrialState
 
 from harness.config import load_experiment
+from harness.errors import HarnessError
 from harness.experiment import run_experiment
 from harness.study_config import StudyConfig, example_experiment
 from harness.tracking import Tracker
@@ -208,6 +209,13 @@ class TrialRunner:
             run.set_tags({"failure": f"diverged in {states.count('diverged')} of {len(states)} seeds"})
             run.end("diverged")
             raise TrialDiverged()
+        wanted = [self.study.objective.metric, *(c.metric for c in self.study.constraints)]
+        missing = [m for m in wanted if m not in summary]
+        if missing:  # a study-level mistake (e.g. val/miou on a classification task): stop the study
+            trial.set_user_attr("state", "failed")
+            run.end("failed")
+            known = ", ".join(sorted(k for k in summary if not k.endswith("_std") and "/iou_" not in k))
+            raise HarnessError(f"study {self.study.name}: metric {missing} is not logged for this task; use one of: {known}")
         value = summary[self.study.objective.metric]
         violations = [c.violation(summary[c.metric]) for c in self.study.constraints]
         trial.set_user_attr("constraints", violations)

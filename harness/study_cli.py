@@ -59,12 +59,17 @@ def cmd_sweep(args) -> int:
     tracker = Tracker(args.tracking_uri)
     ensure_teacher(study, tracker)
     parent = open_parent(tracker, study, args.storage)
-    if args.workers <= 1:
-        from harness.sweep import run_in_process
+    try:
+        if args.workers <= 1:
+            from harness.sweep import run_in_process
 
-        state = run_in_process(study, tracker, parent, args.storage, quiet=args.quiet)
-    else:
-        state = run_local_workers(study, tracker, parent, args)
+            state = run_in_process(study, tracker, parent, args.storage, quiet=args.quiet)
+        else:
+            state = run_local_workers(study, tracker, parent, args)
+    except HarnessError as exc:
+        parent.set_tags({"failure": str(exc)[:500]})
+        parent.end("failed")
+        raise
     return finish_parent(study, tracker, parent, args.storage, state)
 
 

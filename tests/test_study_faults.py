@@ -84,3 +84,17 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path, store):
     assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
     (parent,) = client.search_runs([exp_id], "tags.role = 'study'")
     assert parent.info.status == "FINISHED"
+
+
+def test_objective_metric_the_task_does_not_log_stops_the_study_in_one_line(tmp_path, store, capsys):
+    exp = write_yaml(tmp_path / "exp.yaml", {"name": "m", "data": TINY_DATA, "model": {"name": "unet", "width": 2, "depth": 3},
+                                             "train": TINY_TRAIN})
+    study = write_yaml(tmp_path / "wrongmetric.yaml", {"experiment": str(exp), "budget": {"trials": 3},
+                                                       "objective": {"metric": "val/accuracy"},
+                                                       "search": {"train.lr": {"choices": [0.01]}}})
+    assert main(["sweep", "--study", str(study), "--storage", str(tmp_path / "j.log"), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: study wrongmetric: metric ['val/accuracy'] is not logged") and "val/miou" in err
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("wrongmetric").experiment_id])
+    assert {r.data.tags["role"]: r.info.status for r in runs} == {"study": "FAILED", "trial": "FAILED", "seed": "FINISHED"}
