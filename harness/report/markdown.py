@@ -40,6 +40,8 @@ def number(value, signed: bool = False, percent: bool = False) -> str:
     if percent:
         return f"{sign}{value:.1f}%"
     a = abs(value)
+    if a == 0:
+        return "0"
     if a >= 1e9:
         return f"{sign}{value:.3g}"
     if isinstance(value, int) or (float(value).is_integer() and a >= 1):
@@ -48,7 +50,7 @@ def number(value, signed: bool = False, percent: bool = False) -> str:
         return f"{sign}{value:,.1f}"
     if a >= 1:
         return f"{sign}{value:.3f}"
-    if a >= 1e-4 or a == 0:
+    if a >= 1e-4:
         return f"{sign}{value:.4f}"
     return f"{sign}{value:.1e}"
 
