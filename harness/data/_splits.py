@@ -100,7 +100,12 @@ def build_classification_splits(
         TensorSplit(train_images[va], train_targets[va]),
         TensorSplit(test_images, test_targets),
     ]
-    if cfg.normalize:
+    return classification_splits(splits, class_names, cfg.normalize)
+
+
+def classification_splits(splits: list[TensorSplit], class_names: list[str], normalize: bool) -> DataSplits:
+    """Train, val and test tensors as a classification DataSplits, optionally standardised by train stats."""
+    if normalize:
         standardise(splits)
     return DataSplits(
         task="classification",
@@ -108,7 +113,7 @@ def build_classification_splits(
         val=splits[1],
         test=splits[2],
         num_classes=len(class_names),
-        in_channels=train_images.shape[1],
+        in_channels=splits[0].images.shape[1],
         class_names=list(class_names),
     )
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from harness.data._splits import standardise, stratified_split
+from harness.data._splits import classification_splits, stratified_split
 from harness.data.base import DATA, DataConfigBase, DataSplits, TensorSplit
 
 
@@ -48,17 +48,7 @@ def load_digits_classification(cfg: DigitsConfig) -> DataSplits:
     targets = torch.from_numpy(bunch.target.astype(np.int64))
     parts = stratified_split(bunch.target, cfg.fractions, cfg.seed)
     splits = [TensorSplit(images[torch.from_numpy(idx)], targets[torch.from_numpy(idx)]) for idx in parts]
-    if cfg.normalize:
-        standardise(splits)
-    return DataSplits(
-        task="classification",
-        train=splits[0],
-        val=splits[1],
-        test=splits[2],
-        num_classes=10,
-        in_channels=1,
-        class_names=[str(d) for d in range(10)],
-    )
+    return classification_splits(splits, [str(d) for d in range(10)], cfg.normalize)
 
 
 def split_indices(cfg: DigitsConfig) -> list[np.ndarray]:
