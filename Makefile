@@ -25,6 +25,7 @@ setup: $(STAMP)
 
 lint: setup
 	$(PY) -m ruff check harness tests benchmarks
+	$(PY) -m ruff format --check harness tests benchmarks
 
 test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -21,17 +21,27 @@ def device() -> torch.device:
 
 def header() -> str:
     dev = device()
-    return (f"*{datetime.date.today()}, {device_name(dev)}, torch {torch.__version__}, commit {git_commit()}*\n\n"
-            f"Command: `{' '.join(shlex.quote(a) for a in ['python', *sys.argv])}`\n")
+    return (
+        f"*{datetime.date.today()}, {device_name(dev)}, torch {torch.__version__}, commit {git_commit()}*\n\n"
+        f"Command: `{' '.join(shlex.quote(a) for a in ['python', *sys.argv])}`\n"
+    )
 
 
 def write_section(name: str, body: str) -> None:
     """Replace (or append) the section ``## name`` of RESULTS.md for this device kind."""
     title = f"## {name} ({device().type})"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nFigures measured by the scripts in this folder; each section says how.\n"
+    text = (
+        RESULTS.read_text()
+        if RESULTS.exists()
+        else "# Benchmark results\n\nFigures measured by the scripts in this folder; each section says how.\n"
+    )
     section = f"{title}\n\n{header()}\n{body.strip()}\n"
     pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    text = (
+        pattern.sub(lambda _: section + "\n", text)
+        if pattern.search(text)
+        else text.rstrip() + "\n\n" + section
+    )
     RESULTS.write_text(text)
     print(section)
 

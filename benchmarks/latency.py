@@ -1,6 +1,6 @@
 """Benchmark 5: ms/image as the harness logs it (evaluate.ms_per_image) against torch.utils.benchmark.
 
-    python benchmarks/latency.py [--widths 2 8 32]
+python benchmarks/latency.py [--widths 2 8 32]
 """
 
 from __future__ import annotations
@@ -30,13 +30,24 @@ def main() -> None:
         x = torch.randn(1, 1, 64, 64, device=dev)
         ours = ms_per_image(model, x)
         with torch.no_grad():
-            timer = tb.Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads())
+            timer = tb.Timer(
+                stmt="model(x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads()
+            )
             ref = timer.blocked_autorange(min_run_time=2.0).median * 1000
-        rows.append({"k": k, "harness ms/image": f"{ours:.3f}", "torch.utils.benchmark ms": f"{ref:.3f}",
-                     "difference": f"{100 * (ours - ref) / ref:+.1f}%"})
-    body = ("Batch 1, 64x64 input, eval mode, no autocast. The harness times 30 synchronised calls after 5 "
-            "warm-up calls and takes the median; torch.utils.benchmark (same thread count) runs blocked_autorange for 2 s. "
-            "Target: within 10%.\n\n" + table(rows, ["k", "harness ms/image", "torch.utils.benchmark ms", "difference"]))
+        rows.append(
+            {
+                "k": k,
+                "harness ms/image": f"{ours:.3f}",
+                "torch.utils.benchmark ms": f"{ref:.3f}",
+                "difference": f"{100 * (ours - ref) / ref:+.1f}%",
+            }
+        )
+    body = (
+        "Batch 1, 64x64 input, eval mode, no autocast. The harness times 30 synchronised calls after 5 "
+        "warm-up calls and takes the median; torch.utils.benchmark (same thread count) runs blocked_autorange for 2 s. "
+        "Target: within 10%.\n\n"
+        + table(rows, ["k", "harness ms/image", "torch.utils.benchmark ms", "difference"])
+    )
     write_section("5. ms/image against torch.utils.benchmark", body)
 
 

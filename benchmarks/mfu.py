@@ -75,7 +75,12 @@ def measure(width: int, batch: int, dev, autocast, repeats: int) -> dict:
         sync(dev)
         times.append(time.perf_counter() - start)
     step = statistics.median(times)
-    return {"k": width, "GFLOP/image": flops / batch / 1e9, "images/s": batch / step, "achieved GFLOP/s": flops / step / 1e9}
+    return {
+        "k": width,
+        "GFLOP/image": flops / batch / 1e9,
+        "images/s": batch / step,
+        "achieved GFLOP/s": flops / step / 1e9,
+    }
 
 
 def main() -> None:
@@ -93,9 +98,11 @@ def main() -> None:
         r["MFU"] = f"{100 * r['achieved GFLOP/s'] * 1e9 / peak:.0f}%"
         rows.append({k2: (f"{v:.2f}" if isinstance(v, float) else v) for k2, v in r.items()})
     precision = "bf16 autocast" if dev.type == "cuda" else "fp32"
-    body = (f"k-UNet training steps (forward + backward + Adam), 64x64 inputs, batch {args.batch}, {precision}. "
-            f"Measured matmul peak: **{peak / 1e9:.0f} GFLOP/s**.\n\n"
-            + table(rows, ["k", "GFLOP/image", "images/s", "achieved GFLOP/s", "MFU"]))
+    body = (
+        f"k-UNet training steps (forward + backward + Adam), 64x64 inputs, batch {args.batch}, {precision}. "
+        f"Measured matmul peak: **{peak / 1e9:.0f} GFLOP/s**.\n\n"
+        + table(rows, ["k", "GFLOP/image", "images/s", "achieved GFLOP/s", "MFU"])
+    )
     write_section("3. Model FLOP utilisation", body)
 
 

@@ -33,10 +33,15 @@ EXPERIMENT = {
 
 def study(name: str, experiment: Path, trials: int, pruner: str) -> dict:
     return {
-        "name": name, "experiment": str(experiment), "budget": {"trials": trials},
+        "name": name,
+        "experiment": str(experiment),
+        "budget": {"trials": trials},
         "sampler": {"name": "tpe", "seed": 0, "startup_trials": 8},
         "pruner": {"name": pruner, "warmup_epochs": 1, "startup_trials": 5},
-        "search": {"model.width": {"choices": [2, 4, 8]}, "train.lr": {"low": 1.0e-4, "high": 3.0e-2, "log": True}},
+        "search": {
+            "model.width": {"choices": [2, 4, 8]},
+            "train.lr": {"low": 1.0e-4, "high": 3.0e-2, "log": True},
+        },
     }
 
 
@@ -62,18 +67,31 @@ def main() -> None:
             path = Path(tmp) / f"{name}.yaml"
             path.write_text(yaml.safe_dump(study(name, exp, args.trials, pruner)))
             start = time.perf_counter()
-            assert harness_main(["sweep", "--study", str(path), "--storage", f"{tmp}/{name}.log", "--quiet"]) == 0
+            assert (
+                harness_main(["sweep", "--study", str(path), "--storage", f"{tmp}/{name}.log", "--quiet"])
+                == 0
+            )
             wall = time.perf_counter() - start
             trials = tracker.search([name], filter_string="tags.role = 'trial'")
             best = max(r.data.metrics["val/miou"] for r in trials if r.data.tags.get("state") == "finished")
             pruned = sum(r.data.tags.get("state") == "pruned" for r in trials)
-            rows.append({"pruner": pruner, "trials": len(trials), "pruned": pruned, "epochs spent": epochs_spent(tracker, name),
-                         "best val/miou": f"{best:.4f}", "wall s": f"{wall:.0f}"})
+            rows.append(
+                {
+                    "pruner": pruner,
+                    "trials": len(trials),
+                    "pruned": pruned,
+                    "epochs spent": epochs_spent(tracker, name),
+                    "best val/miou": f"{best:.4f}",
+                    "wall s": f"{wall:.0f}",
+                }
+            )
     saved = 1 - rows[1]["epochs spent"] / rows[0]["epochs spent"]
-    body = (f"{args.trials} trials, TPE (seed 0, 8 startup trials) over model.width {{2, 4, 8}} and train.lr "
-            "[1e-4, 3e-2] (log), no KD, 6 epochs a trial, 400 training canvases. Median pruner: 5 startup trials, "
-            f"1 warm-up epoch.\n\n{table(rows, ['pruner', 'trials', 'pruned', 'epochs spent', 'best val/miou', 'wall s'])}\n\n"
-            f"The pruner saved **{100 * saved:.0f}%** of the epochs.")
+    body = (
+        f"{args.trials} trials, TPE (seed 0, 8 startup trials) over model.width {{2, 4, 8}} and train.lr "
+        "[1e-4, 3e-2] (log), no KD, 6 epochs a trial, 400 training canvases. Median pruner: 5 startup trials, "
+        f"1 warm-up epoch.\n\n{table(rows, ['pruner', 'trials', 'pruned', 'epochs spent', 'best val/miou', 'wall s'])}\n\n"
+        f"The pruner saved **{100 * saved:.0f}%** of the epochs."
+    )
     write_section("4. Pruning", body)
 
 

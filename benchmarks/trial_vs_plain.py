@@ -56,7 +56,9 @@ def plain_loop(teacher, epochs: int, batch_size: int, temperature: float, dev) -
     student = UNet(1, 11, width=8).to(dev)
     teacher = teacher.to(dev).eval()
     opt = torch.optim.Adam(student.parameters(), lr=3e-3)
-    train = DataLoader(CanvasDataset(data.train.images, data.train.targets), batch_size=batch_size, shuffle=True)
+    train = DataLoader(
+        CanvasDataset(data.train.images, data.train.targets), batch_size=batch_size, shuffle=True
+    )
     val = DataLoader(CanvasDataset(data.val.images, data.val.targets), batch_size=batch_size)
     miou = MulticlassJaccardIndex(11, ignore_index=255).to(dev)
     start = time.perf_counter()
@@ -68,7 +70,11 @@ def plain_loop(teacher, epochs: int, batch_size: int, temperature: float, dev) -
             with torch.no_grad():
                 t = teacher(x)
             s = student(x)
-            kd = F.kl_div(F.log_softmax(s / temperature, 1), F.softmax(t / temperature, 1), reduction="none").sum(1).mean()
+            kd = (
+                F.kl_div(F.log_softmax(s / temperature, 1), F.softmax(t / temperature, 1), reduction="none")
+                .sum(1)
+                .mean()
+            )
             loss = F.cross_entropy(s, y, ignore_index=255) + kd * temperature**2
             opt.zero_grad()
             loss.backward()
@@ -86,11 +92,17 @@ def plain_loop(teacher, epochs: int, batch_size: int, temperature: float, dev) -
 
 
 def harness_trial(teacher_path: Path, epochs: int, batch_size: int, temperature: float, store: str):
-    cfg = build_experiment({
-        "name": "bench", "data": DATA, "model": {"name": "unet", "width": 8},
-        "train": {"epochs": epochs, "batch_size": batch_size, "lr": 3e-3, "seed": 0},
-        "kd": {"method": "response", "temperature": temperature}, "teacher": str(teacher_path),
-    }, "bench")
+    cfg = build_experiment(
+        {
+            "name": "bench",
+            "data": DATA,
+            "model": {"name": "unet", "width": 8},
+            "train": {"epochs": epochs, "batch_size": batch_size, "lr": 3e-3, "seed": 0},
+            "kd": {"method": "response", "temperature": temperature},
+            "teacher": str(teacher_path),
+        },
+        "bench",
+    )
     tracker = Tracker(store)
     tracker.experiment_id("bench")  # create the store before timing: a study does this once
     start = time.perf_counter()
@@ -117,15 +129,29 @@ def main() -> None:
         harness_trial(path, 1, args.batch_size, 4.0, store)  # warm-up: imports, data, first-call costs
         teacher_cache.clear()  # the first trial of a study computes the teacher's outputs ...
         first_wall, first_compute = harness_trial(path, args.epochs, args.batch_size, 4.0, store)
-        later_wall, later_compute = harness_trial(path, args.epochs, args.batch_size, 4.0, store)  # ... later ones reuse them
+        later_wall, later_compute = harness_trial(
+            path, args.epochs, args.batch_size, 4.0, store
+        )  # ... later ones reuse them
         p_wall = plain_loop(teacher, args.epochs, args.batch_size, 4.0, dev)
     rows = [
-        {"loop": "plain (DataLoader, live teacher, .item() per step)", "wall s": f"{p_wall:.1f}",
-         "images/s": f"{n_images / p_wall:.0f}", "speed-up": "1.00x"},
-        {"loop": "harness, first trial of a study (computes the teacher cache)", "wall s": f"{first_wall:.1f}",
-         "images/s": f"{n_images / first_wall:.0f}", "speed-up": f"{p_wall / first_wall:.2f}x"},
-        {"loop": "harness, every later trial (reuses the cache)", "wall s": f"{later_wall:.1f}",
-         "images/s": f"{n_images / later_wall:.0f}", "speed-up": f"{p_wall / later_wall:.2f}x"},
+        {
+            "loop": "plain (DataLoader, live teacher, .item() per step)",
+            "wall s": f"{p_wall:.1f}",
+            "images/s": f"{n_images / p_wall:.0f}",
+            "speed-up": "1.00x",
+        },
+        {
+            "loop": "harness, first trial of a study (computes the teacher cache)",
+            "wall s": f"{first_wall:.1f}",
+            "images/s": f"{n_images / first_wall:.0f}",
+            "speed-up": f"{p_wall / first_wall:.2f}x",
+        },
+        {
+            "loop": "harness, every later trial (reuses the cache)",
+            "wall s": f"{later_wall:.1f}",
+            "images/s": f"{n_images / later_wall:.0f}",
+            "speed-up": f"{p_wall / later_wall:.2f}x",
+        },
     ]
     h_wall, h_steps = first_wall, first_compute
     overhead = (h_wall - h_steps) / h_wall

@@ -29,11 +29,18 @@ def cmd_train(args) -> int:
     cfg = load_experiment(args.config, parse_overrides(args.set))
     tracker = Tracker(args.tracking_uri)
     with epoch_progress(cfg.train.epochs, cfg.name, enabled=not args.quiet) as progress:
-        outcome = run_experiment(cfg, tracker, experiment=args.experiment or cfg.name, progress=progress,
-                                 role="teacher" if cfg.kd.method == "none" else "student")
+        outcome = run_experiment(
+            cfg,
+            tracker,
+            experiment=args.experiment or cfg.name,
+            progress=progress,
+            role="teacher" if cfg.kd.method == "none" else "student",
+        )
     m = outcome.metrics
     if outcome.state != "finished":
-        console.print(f"[red]run {outcome.run_id} {outcome.state}[/red]: see its 'failure' tag in the MLflow UI")
+        console.print(
+            f"[red]run {outcome.run_id} {outcome.state}[/red]: see its 'failure' tag in the MLflow UI"
+        )
         return 1
     key = "miou" if "test/miou" in m else "accuracy"
     console.print(
@@ -49,9 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train one experiment (optionally with a teacher and a kd block)")
     train.add_argument("--config", required=True, help="experiment file, e.g. experiments/digits_seg.yaml")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. train.epochs=2")
+    train.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. train.epochs=2"
+    )
     train.add_argument("--experiment", help="MLflow experiment name (default: the config's name)")
-    train.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
+    train.add_argument(
+        "--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)"
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 

@@ -37,7 +37,9 @@ class TrainConfig(BaseModel):
     step_size: int = Field(25, ge=1, description="step scheduler: epochs between decays")
     gamma: float = Field(0.1, gt=0, le=1, description="step/plateau scheduler: decay factor")
     class_weights: Literal["none", "inverse_freq"] | list[float] = "none"
-    early_stopping: int | None = Field(None, ge=1, description="stop after this many epochs without val improvement")
+    early_stopping: int | None = Field(
+        None, ge=1, description="stop after this many epochs without val improvement"
+    )
     seed: int = 0
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
@@ -59,7 +61,9 @@ class ExperimentConfig(BaseModel):
     @model_validator(mode="after")
     def _teacher_for_kd(self):
         if self.kd.method != "none" and self.teacher is None:
-            raise ValueError(f"kd.method '{self.kd.method}' needs a teacher: set 'teacher' to an experiment file or checkpoint")
+            raise ValueError(
+                f"kd.method '{self.kd.method}' needs a teacher: set 'teacher' to an experiment file or checkpoint"
+            )
         return self
 
     def hash(self) -> str:
@@ -86,13 +90,17 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: file not found; check the path (experiments live in experiments/, studies in studies/)")
+        raise ConfigError(
+            f"{path}: file not found; check the path (experiments live in experiments/, studies in studies/)"
+        )
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where}: not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None
+        raise ConfigError(
+            f"{path}:{where}: not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
     return data
@@ -139,7 +147,9 @@ def describe_validation_error(source: str, exc: ValidationError) -> str:
 
 
 def _is_union_tag(part) -> bool:
-    return isinstance(part, str) and (part in DATA.names() or part in MODELS.names() or part in KD_METHODS.names())
+    return isinstance(part, str) and (
+        part in DATA.names() or part in MODELS.names() or part in KD_METHODS.names()
+    )
 
 
 def build_experiment(tree: dict[str, Any], source: str) -> ExperimentConfig:

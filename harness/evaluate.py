@@ -76,7 +76,9 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def ms_per_image(model: nn.Module, example: torch.Tensor, *, warmup: int = 5, repeats: int = 30, autocast=None) -> float:
+def ms_per_image(
+    model: nn.Module, example: torch.Tensor, *, warmup: int = 5, repeats: int = 30, autocast=None
+) -> float:
     """Inference latency at batch 1: warm-up, synchronised timing, median of repeats, in milliseconds."""
     model.eval()
     x = example[:1]

@@ -81,10 +81,14 @@ def resolve_teacher(cfg: ExperimentConfig, tracker: Tracker, device: torch.devic
         digest = teacher_cfg.hash()
         runs = tracker.search(filter_string=f"tags.config_hash = '{digest}' and tags.state = 'finished'")
         if not runs:
-            print(f"No finished run of teacher {spec} (config hash {digest}) in the store: training it first.")
+            print(
+                f"No finished run of teacher {spec} (config hash {digest}) in the store: training it first."
+            )
             outcome = run_experiment(teacher_cfg, tracker, experiment=TEACHER_EXPERIMENT, role="teacher")
             if outcome.state != "finished":
-                raise HarnessError(f"training teacher {spec} ended {outcome.state}; fix its recipe and run again")
+                raise HarnessError(
+                    f"training teacher {spec} ended {outcome.state}; fix its recipe and run again"
+                )
             run_id = outcome.run_id
         else:
             run_id = runs[0].info.run_id
@@ -105,11 +109,16 @@ def build_distiller(cfg: ExperimentConfig, student, teacher, data: DataSplits, d
         return distiller
     try:
         distiller.choose_layers(getattr(student, "kd_layers", []), getattr(teacher, "kd_layers", []))
-        example = data.train[: min(2, len(data.train))][0] if isinstance(data.train, TensorSplit) else torch.stack(
-            [data.train[i][0] for i in range(2)]
+        example = (
+            data.train[: min(2, len(data.train))][0]
+            if isinstance(data.train, TensorSplit)
+            else torch.stack([data.train[i][0] for i in range(2)])
         )
         example = example.to(device)
-        distiller.setup(probe_shapes(student, distiller.student_layers, example), probe_shapes(teacher, distiller.teacher_layers, example))
+        distiller.setup(
+            probe_shapes(student, distiller.student_layers, example),
+            probe_shapes(teacher, distiller.teacher_layers, example),
+        )
     except ValueError as exc:
         raise HarnessError(f"kd.method '{cfg.kd.method}': {exc}") from None
     return distiller.to(device)
@@ -152,20 +161,37 @@ def run_experiment(
     server, served = None, ""
     cache_start = time.perf_counter()
     if teacher is not None:
-        key = (json.dumps(teacher_cfg, sort_keys=True), json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True))
-        server, served = serve_teacher(freeze(teacher), distiller.teacher_layers, data, cfg.train, device, autocast, key)
+        key = (
+            json.dumps(teacher_cfg, sort_keys=True),
+            json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True),
+        )
+        server, served = serve_teacher(
+            freeze(teacher), distiller.teacher_layers, data, cfg.train, device, autocast, key
+        )
     cache_seconds = time.perf_counter() - cache_start
 
     run = tracker.start_run(
         experiment,
         run_name or cfg.name,
         parent_id=parent_id,
-        tags={"config_hash": cfg.hash(), "role": role, "state": "running", "kd.method": cfg.kd.method, **(tags or {})},
+        tags={
+            "config_hash": cfg.hash(),
+            "role": role,
+            "state": "running",
+            "kd.method": cfg.kd.method,
+            **(tags or {}),
+        },
     )
     try:
         run.log_params({**cfg.flat(), "seed": cfg.train.seed})
         run.log_yaml(cfg.model_dump(mode="json"), "config.yaml")
-        run.set_tags({**provenance_tags(device), "teacher.source": teacher_source or "none", "teacher.outputs": served or "none"})
+        run.set_tags(
+            {
+                **provenance_tags(device),
+                "teacher.source": teacher_source or "none",
+                "teacher.outputs": served or "none",
+            }
+        )
         prep = distiller.prepare(_teacher_batches(server, data, cfg, device), device) if server else {}
         sizes = {"params": count_parameters(model), "kd_params": distiller.extra_parameters()}
         run.log_metrics({**sizes, **prep})
@@ -175,9 +201,20 @@ def run_experiment(
             if on_epoch:
                 on_epoch(epoch, metrics)
 
-        result = fit(model, data, cfg, device=device, distiller=distiller, teacher=server, on_epoch=log_epoch, progress=progress)
+        result = fit(
+            model,
+            data,
+            cfg,
+            device=device,
+            distiller=distiller,
+            teacher=server,
+            on_epoch=log_epoch,
+            progress=progress,
+        )
         if result.state == "diverged":
-            run.log_metrics({k: v for k, v in result.history[-1].items() if k != "epoch"}, step=result.diverged_at)
+            run.log_metrics(
+                {k: v for k, v in result.history[-1].items() if k != "epoch"}, step=result.diverged_at
+            )
             run.set_tags({"failure": f"diverged: training loss not finite at epoch {result.diverged_at}"})
             run.end("diverged")
             return Outcome(run.id, "diverged", {}, result, result.step_seconds + cache_seconds)
@@ -207,11 +244,19 @@ def _teacher_batches(server, data: DataSplits, cfg: ExperimentConfig, device):
     return batches
 
 
-def finalize(run: Run, model, data: DataSplits, cfg: ExperimentConfig, result: FitResult, device, autocast, sizes: dict):
+def finalize(
+    run: Run, model, data: DataSplits, cfg: ExperimentConfig, result: FitResult, device, autocast, sizes: dict
+):
     """Test metrics of the best-validation epoch, cost measures, checkpoint and prediction grid.
 
     Returns the final metrics and the seconds spent evaluating the test split."""
-    kwargs = dict(task=data.task, num_classes=data.num_classes, ignore_index=data.ignore_index, device=device, autocast=autocast)
+    kwargs = dict(
+        task=data.task,
+        num_classes=data.num_classes,
+        ignore_index=data.ignore_index,
+        device=device,
+        autocast=autocast,
+    )
     test_start = time.perf_counter()
     test = evaluate(model, data.test, batch_size=64, **kwargs)
     test_seconds = time.perf_counter() - test_start

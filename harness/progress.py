@@ -37,8 +37,12 @@ def epoch_progress(total: int, description: str, enabled: bool = True):
 
         def update(epoch: int, metrics: dict[str, float]) -> None:
             val = metrics.get("val/miou", metrics.get("val/accuracy"))
-            bar.update(task, completed=epoch + 1, loss=f"{metrics.get('train/loss', float('nan')):.4f}",
-                       val=f"{val:.4f}" if val is not None else "-")
+            bar.update(
+                task,
+                completed=epoch + 1,
+                loss=f"{metrics.get('train/loss', float('nan')):.4f}",
+                val=f"{val:.4f}" if val is not None else "-",
+            )
 
         yield update
 
@@ -51,8 +55,15 @@ class StudyDisplay:
         self.cfg, self.study, self.enabled = study_cfg, optuna_study, enabled
         total = study_cfg.budget.trials
         self.bar = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), console=console, disable=not enabled,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("left"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled,
         )
         self.trials = self.bar.add_task(f"study {study_cfg.name}", total=total, info="")
         self.epochs = self.bar.add_task("  trial", total=None, info="", visible=False)
@@ -72,11 +83,15 @@ class StudyDisplay:
         c, best = summary["counts"], summary["best"]
         info = f"done {c['finished']} pruned {c['pruned']} diverged {c['diverged']} failed {c['failed']}"
         if best:
-            params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
+            params = ", ".join(
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items()
+            )
             info += f" | best {best['value']:.4f} (#{best['number']}: {params})"
         self.bar.update(self.trials, completed=used_budget(self.study), info=info)
 
     def epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         val = metrics.get(self.cfg.objective.metric)
-        info = f"loss {metrics.get('train/loss', float('nan')):.4f}" + (f" {self.cfg.objective.metric} {val:.4f}" if val is not None else "")
+        info = f"loss {metrics.get('train/loss', float('nan')):.4f}" + (
+            f" {self.cfg.objective.metric} {val:.4f}" if val is not None else ""
+        )
         self.bar.update(self.epochs, completed=epoch + 1, total=None, info=info, visible=True)

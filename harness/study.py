@@ -65,7 +65,9 @@ def open_storage(url: str | None, heartbeat: int | None = None, retries: int = 2
         kwargs = dict(
             heartbeat_interval=heartbeat,
             grace_period=2 * heartbeat,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=retries),
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=retries
+            ),
         )
     for attempt in range(5):
         try:
@@ -86,7 +88,11 @@ def make_sampler(study: StudyConfig, worker: int = 0):
     if s.name == "grid":
         return optuna.samplers.GridSampler(study.grid(), seed=seed)
     return optuna.samplers.TPESampler(
-        seed=seed, multivariate=True, group=True, n_startup_trials=s.startup_trials, constraints_func=constraints
+        seed=seed,
+        multivariate=True,
+        group=True,
+        n_startup_trials=s.startup_trials,
+        constraints_func=constraints,
     )
 
 
@@ -104,7 +110,9 @@ def make_pruner(study: StudyConfig):
     return optuna.pruners.NopPruner()
 
 
-def open_study(study: StudyConfig, storage_url: str | None, heartbeat: int | None = None, worker: int = 0) -> optuna.Study:
+def open_study(
+    study: StudyConfig, storage_url: str | None, heartbeat: int | None = None, worker: int = 0
+) -> optuna.Study:
     return optuna.create_study(
         study_name=study.name,
         storage=open_storage(storage_url, heartbeat),
@@ -162,7 +170,10 @@ class TrialRunner:
     progress: Any = None
 
     def __call__(self, trial: optuna.Trial) -> float:
-        if self.study.budget.trials is not None and used_budget(trial.study, before=trial.number) >= self.study.budget.trials:
+        if (
+            self.study.budget.trials is not None
+            and used_budget(trial.study, before=trial.number) >= self.study.budget.trials
+        ):
             trial.set_user_attr("state", "surplus")
             raise SurplusTrial()
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
@@ -170,9 +181,15 @@ class TrialRunner:
         params = sample(trial, self.study)  # a retried trial gets its stale original's params back
         base = load_experiment(self.study.experiment, self.study.overrides(params))
         tags = {"optuna.study": self.study.name, "optuna.trial": trial.number}
-        run = self.tracker.start_run(self.study.name, f"trial-{trial.number}", parent_id=self.parent_id,
-                                     tags={**tags, "role": "trial", "state": "running", "kd.method": base.kd.method})
-        run.log_params({**base.flat(), **{f"search.{k}": v for k, v in params.items()}, "seeds": self.study.seeds})
+        run = self.tracker.start_run(
+            self.study.name,
+            f"trial-{trial.number}",
+            parent_id=self.parent_id,
+            tags={**tags, "role": "trial", "state": "running", "kd.method": base.kd.method},
+        )
+        run.log_params(
+            {**base.flat(), **{f"search.{k}": v for k, v in params.items()}, "seeds": self.study.seeds}
+        )
         trial.set_user_attr("mlflow_run_id", run.id)
         results, states = [], []
         try:
@@ -180,10 +197,16 @@ class TrialRunner:
             for i, seed in enumerate(seeds):
                 cfg = base.model_copy(update={"train": base.train.model_copy(update={"seed": seed})})
                 outcome = run_experiment(
-                    cfg, self.tracker, experiment=self.study.name, run_name=f"trial-{trial.number}-seed-{seed}",
-                    parent_id=run.id, tags={**tags, "seed": seed}, role="seed",
+                    cfg,
+                    self.tracker,
+                    experiment=self.study.name,
+                    run_name=f"trial-{trial.number}-seed-{seed}",
+                    parent_id=run.id,
+                    tags={**tags, "seed": seed},
+                    role="seed",
                     on_epoch=self._reporter(trial) if i == 0 else None,
-                    stop_states={optuna.TrialPruned: "pruned"}, progress=self.progress,
+                    stop_states={optuna.TrialPruned: "pruned"},
+                    progress=self.progress,
                 )
                 states.append(outcome.state)
                 if outcome.state == "finished":
@@ -215,7 +238,9 @@ class TrialRunner:
             trial.set_user_attr("state", "failed")
             run.end("failed")
             known = ", ".join(sorted(k for k in summary if not k.endswith("_std") and "/iou_" not in k))
-            raise HarnessError(f"study {self.study.name}: metric {missing} is not logged for this task; use one of: {known}")
+            raise HarnessError(
+                f"study {self.study.name}: metric {missing} is not logged for this task; use one of: {known}"
+            )
         value = summary[self.study.objective.metric]
         violations = [c.violation(summary[c.metric]) for c in self.study.constraints]
         trial.set_user_attr("constraints", violations)
@@ -232,9 +257,13 @@ class TrialRunner:
         would otherwise read RUNNING forever, as 'abandoned'."""
         stale = trial.storage.get_trial_system_attrs(trial._trial_id).get("retry_history") or []
         for number in stale:
-            found = self.tracker.search([self.study.name], filter_string=(
-                f"tags.`optuna.study` = '{self.study.name}' and tags.`optuna.trial` = '{number}' "
-                "and attributes.status = 'RUNNING'"))
+            found = self.tracker.search(
+                [self.study.name],
+                filter_string=(
+                    f"tags.`optuna.study` = '{self.study.name}' and tags.`optuna.trial` = '{number}' "
+                    "and attributes.status = 'RUNNING'"
+                ),
+            )
             for r in found:
                 run = self.tracker.run(r.info.run_id)
                 run.set_tags({"failure": f"worker died (heartbeat stale); retried as trial {trial.number}"})
@@ -262,8 +291,15 @@ def aggregate(results: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def optimize(study_cfg: StudyConfig, study: optuna.Study, runner: TrialRunner, *, trials: int | None, timeout: float | None,
-             callbacks=()) -> None:
+def optimize(
+    study_cfg: StudyConfig,
+    study: optuna.Study,
+    runner: TrialRunner,
+    *,
+    trials: int | None,
+    timeout: float | None,
+    callbacks=(),
+) -> None:
     """Run trials in this process until the budget is used up, the timeout passes or the grid is exhausted.
 
     When the rest of the budget is running in other workers this worker does not start surplus trials: with

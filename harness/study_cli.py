@@ -16,13 +16,22 @@ def register(sub) -> None:
     sweep.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
     sweep.set_defaults(func=cmd_sweep)
 
-    worker = sub.add_parser("worker", help="join a study as one worker (scale-out: many machines, one storage)")
+    worker = sub.add_parser(
+        "worker", help="join a study as one worker (scale-out: many machines, one storage)"
+    )
     _common(worker)
     worker.add_argument("--worker-index", type=int, default=None, help="distinguishes workers' sampler seeds")
-    worker.add_argument("--heartbeat", type=int, default=None, help="RDB storage heartbeat seconds (default 30 for RDB)")
-    worker.add_argument("--per-gpu", type=int, default=1, metavar="N",
-                        help="worker processes per visible GPU (default 1); with several GPUs, or N > 1, this "
-                             "process starts one worker per slot, each with its own CUDA_VISIBLE_DEVICES")
+    worker.add_argument(
+        "--heartbeat", type=int, default=None, help="RDB storage heartbeat seconds (default 30 for RDB)"
+    )
+    worker.add_argument(
+        "--per-gpu",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes per visible GPU (default 1); with several GPUs, or N > 1, this "
+        "process starts one worker per slot, each with its own CUDA_VISIBLE_DEVICES",
+    )
     worker.set_defaults(func=cmd_worker)
 
 
@@ -30,8 +39,12 @@ def _common(p) -> None:
     p.add_argument("--study", required=True, help="study file, e.g. studies/quickstart.yaml")
     p.add_argument("--trials", type=int, help="override budget.trials")
     p.add_argument("--timeout", type=float, help="override budget.timeout (seconds)")
-    p.add_argument("--storage", help="Optuna storage: a journal file (default mlruns/optuna/journal.log) or an RDB URL")
-    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
+    p.add_argument(
+        "--storage", help="Optuna storage: a journal file (default mlruns/optuna/journal.log) or an RDB URL"
+    )
+    p.add_argument(
+        "--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)"
+    )
     p.add_argument("--quiet", action="store_true", help="no live display")
 
 
@@ -86,8 +99,12 @@ def cmd_worker(args) -> int:
     parent = open_parent(tracker, study, args.storage, reopen=False)
     heartbeat = args.heartbeat if args.heartbeat is not None else (30 if _is_rdb(args.storage) else None)
     worker = args.worker_index if args.worker_index is not None else os.getpid()
-    state = run_in_process(study, tracker, parent, args.storage, quiet=args.quiet, heartbeat=heartbeat, worker=worker)
-    if state == "spent":  # every worker that sees the budget spent updates the parent run's summary and closes it
+    state = run_in_process(
+        study, tracker, parent, args.storage, quiet=args.quiet, heartbeat=heartbeat, worker=worker
+    )
+    if (
+        state == "spent"
+    ):  # every worker that sees the budget spent updates the parent run's summary and closes it
         return finish_parent(study, tracker, parent, args.storage, "finished", announce=not args.quiet)
     return 0 if state == "finished" else (130 if state == "interrupted" else 1)
 
@@ -107,8 +124,13 @@ def gpu_slots(per_gpu: int = 1) -> list[str]:
 def run_gpu_workers(args, slots: list[str]) -> int:
     """One worker process per slot, each pinned to its GPU with CUDA_VISIBLE_DEVICES; waits for all of them."""
     cmd = [sys.executable, "-m", "harness", "worker", "--study", args.study, "--per-gpu", "1", "--quiet"]
-    for flag, value in (("--storage", args.storage), ("--tracking-uri", args.tracking_uri), ("--trials", args.trials),
-                        ("--timeout", args.timeout), ("--heartbeat", args.heartbeat)):
+    for flag, value in (
+        ("--storage", args.storage),
+        ("--tracking-uri", args.tracking_uri),
+        ("--trials", args.trials),
+        ("--timeout", args.timeout),
+        ("--heartbeat", args.heartbeat),
+    ):
         if value is not None:
             cmd += [flag, str(value)]
     procs = []
@@ -136,7 +158,11 @@ def run_local_workers(study, tracker, parent, args) -> str:
     with local_server(tracker.uri) as uri:
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
         cmd = [sys.executable, "-m", "harness", "worker", "--study", args.study, "--quiet"]
-        for flag, value in (("--storage", args.storage), ("--trials", study.budget.trials), ("--timeout", study.budget.timeout)):
+        for flag, value in (
+            ("--storage", args.storage),
+            ("--trials", study.budget.trials),
+            ("--timeout", study.budget.timeout),
+        ):
             if value is not None:
                 cmd += [flag, str(value)]
         procs = [subprocess.Popen([*cmd, "--worker-index", str(i)], env=env) for i in range(args.workers)]

@@ -19,7 +19,15 @@ from harness.config import (
 )
 from harness.errors import ConfigError
 
-FINAL_METRICS = ("params", "kd_params", "flops", "ms_per_image", "train_images_per_s", "train_ms_per_image", "best_epoch")
+FINAL_METRICS = (
+    "params",
+    "kd_params",
+    "flops",
+    "ms_per_image",
+    "train_images_per_s",
+    "train_ms_per_image",
+    "best_epoch",
+)
 METRIC_PREFIXES = ("val/", "test/")
 
 
@@ -97,7 +105,9 @@ class Objective(_Strict):
     @classmethod
     def _known(cls, v: str) -> str:
         if not (v.startswith(METRIC_PREFIXES) or v in FINAL_METRICS):
-            raise ValueError(f"unknown metric {v!r}; use val/<metric>, test/<metric> or one of {list(FINAL_METRICS)}")
+            raise ValueError(
+                f"unknown metric {v!r}; use val/<metric>, test/<metric> or one of {list(FINAL_METRICS)}"
+            )
         return v
 
 
@@ -166,7 +176,9 @@ class StudyConfig(_Strict):
         for key, param in self.search.items():
             unknown = [k for k in param.when if k not in targets and k not in self.fixed]
             if unknown:
-                raise ValueError(f"search.{key}.when refers to {unknown}, which is neither searched nor fixed")
+                raise ValueError(
+                    f"search.{key}.when refers to {unknown}, which is neither searched nor fixed"
+                )
             later = [k for k in param.when if k not in seen]
             if later:
                 raise ValueError(f"search.{key}.when depends on {later}; list {later} above {key} in search")
@@ -174,9 +186,13 @@ class StudyConfig(_Strict):
         if self.sampler.name == "grid":
             bad = [k for k, p in self.search.items() if p.choices is None or p.when]
             if bad:
-                raise ValueError(f"the grid sampler needs plain choices for every parameter; {bad} are ranges or conditional")
+                raise ValueError(
+                    f"the grid sampler needs plain choices for every parameter; {bad} are ranges or conditional"
+                )
         if self.pruner.name != "none" and self.objective.metric.startswith("test/"):
-            raise ValueError("pruning reads the per-epoch validation metric; optimise a val/ metric or set pruner.name: none")
+            raise ValueError(
+                "pruning reads the per-epoch validation metric; optimise a val/ metric or set pruner.name: none"
+            )
         return self
 
     def grid(self) -> dict[str, list[Any]]:
@@ -201,9 +217,13 @@ def load_study(path: str | Path) -> StudyConfig:
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(str(path), exc)) from None
     if not Path(study.experiment).is_file():
-        raise ConfigError(f"{path}: experiment: file {study.experiment} not found; point it at a file in experiments/")
+        raise ConfigError(
+            f"{path}: experiment: file {study.experiment} not found; point it at a file in experiments/"
+        )
     if study.teacher and not Path(study.teacher).is_file():
-        raise ConfigError(f"{path}: teacher: file {study.teacher} not found; point it at an experiment file or checkpoint")
+        raise ConfigError(
+            f"{path}: teacher: file {study.teacher} not found; point it at an experiment file or checkpoint"
+        )
     check_search_space(study, str(path))
     return study
 
@@ -212,7 +232,9 @@ def example_params(study: StudyConfig, limit: int = 512):
     """Sampled-parameter dicts covering every combination of categorical values and both ends of every
     range (conditional parameters only where active), at most ``limit`` of them."""
     keys = list(study.search)
-    for combo in itertools.islice(itertools.product(*(study.search[k].example_values() for k in keys)), limit):
+    for combo in itertools.islice(
+        itertools.product(*(study.search[k].example_values() for k in keys)), limit
+    ):
         params: dict[str, Any] = {}
         values = dict(study.fixed)
         for k, v in zip(keys, combo):
@@ -237,4 +259,6 @@ def check_search_space(study: StudyConfig, source: str) -> None:
             build_experiment(tree, source)
         except ConfigError as exc:
             first = str(exc).splitlines()[0]
-            raise ConfigError(f"{first} (with {params or 'the fixed values'}); fix search/fixed in the study file") from None
+            raise ConfigError(
+                f"{first} (with {params or 'the fixed values'}); fix search/fixed in the study file"
+            ) from None

@@ -21,7 +21,9 @@ def ensure_teacher(study: StudyConfig, tracker: Tracker) -> None:
     found = tracker.search(filter_string=f"tags.config_hash = '{teacher.hash()}' and tags.state = 'finished'")
     if found:
         return
-    console.print(f"Training teacher [bold]{cfg.teacher}[/bold] once for this and later studies (MLflow experiment '{TEACHER_EXPERIMENT}')")
+    console.print(
+        f"Training teacher [bold]{cfg.teacher}[/bold] once for this and later studies (MLflow experiment '{TEACHER_EXPERIMENT}')"
+    )
     from harness.progress import epoch_progress
 
     with epoch_progress(teacher.train.epochs, f"teacher {teacher.name}") as progress:
@@ -36,18 +38,35 @@ def open_parent(tracker: Tracker, study: StudyConfig, storage: str | None, reope
         if reopen:
             run.reopen()
         return run
-    run = tracker.start_run(study.name, f"study-{study.name}", tags={"role": "study", "optuna.study": study.name,
-                                                                     "optuna.storage": _redact(storage) or "journal (default)"})
+    run = tracker.start_run(
+        study.name,
+        f"study-{study.name}",
+        tags={
+            "role": "study",
+            "optuna.study": study.name,
+            "optuna.storage": _redact(storage) or "journal (default)",
+        },
+    )
     # workers started together may each have created one: all keep the earliest and delete their own
-    first = min(tracker.search([study.name], filter_string="tags.role = 'study'"),
-                key=lambda r: (r.info.start_time, r.info.run_id))
+    first = min(
+        tracker.search([study.name], filter_string="tags.role = 'study'"),
+        key=lambda r: (r.info.start_time, r.info.run_id),
+    )
     if first.info.run_id != run.id:
         tracker.client.delete_run(run.id)
         return tracker.run(first.info.run_id)
     run.log_yaml(study.model_dump(mode="json"), "study.yaml")
-    run.log_params({"objective": f"{study.objective.direction} {study.objective.metric}", "sampler": study.sampler.name,
-                    "pruner": study.pruner.name, "seeds": study.seeds, "budget.trials": study.budget.trials,
-                    "experiment": study.experiment, "teacher": study.teacher})
+    run.log_params(
+        {
+            "objective": f"{study.objective.direction} {study.objective.metric}",
+            "sampler": study.sampler.name,
+            "pruner": study.pruner.name,
+            "seeds": study.seeds,
+            "budget.trials": study.budget.trials,
+            "experiment": study.experiment,
+            "teacher": study.teacher,
+        }
+    )
     return run
 
 
@@ -60,15 +79,29 @@ def _redact(url: str | None) -> str | None:
     return f"{scheme}://{login.split(':', 1)[0]}{':***' if ':' in login else ''}@{host}"
 
 
-def run_in_process(study: StudyConfig, tracker: Tracker, parent: Run, storage: str | None, *, quiet=False,
-                   heartbeat: int | None = None, worker: int = 0) -> str:
+def run_in_process(
+    study: StudyConfig,
+    tracker: Tracker,
+    parent: Run,
+    storage: str | None,
+    *,
+    quiet=False,
+    heartbeat: int | None = None,
+    worker: int = 0,
+) -> str:
     """Run trials here until the budget is spent. Returns 'spent', 'finished' (timeout or grid done) or 'interrupted'."""
     optuna_study = open_study(study, storage, heartbeat, worker)
     with StudyDisplay(study, optuna_study, enabled=not quiet) as display:
         runner = TrialRunner(study, tracker, parent.id, progress=display.epoch)
         try:
-            optimize(study, optuna_study, runner, trials=study.budget.trials, timeout=study.budget.timeout,
-                     callbacks=[lambda st, t: display.refresh()])
+            optimize(
+                study,
+                optuna_study,
+                runner,
+                trials=study.budget.trials,
+                timeout=study.budget.timeout,
+                callbacks=[lambda st, t: display.refresh()],
+            )
         except KeyboardInterrupt:
             return "interrupted"
     if study.budget.trials is not None and used_budget(optuna_study) >= study.budget.trials:
@@ -86,8 +119,9 @@ def watch(study: StudyConfig, storage: str | None, done, quiet=False, every: flo
         display.refresh()
 
 
-def finish_parent(study: StudyConfig, tracker: Tracker, parent: Run, storage: str | None, state: str,
-                  announce: bool = True) -> int:
+def finish_parent(
+    study: StudyConfig, tracker: Tracker, parent: Run, storage: str | None, state: str, announce: bool = True
+) -> int:
     optuna_study = open_study(study, storage)
     summary = summarize(optuna_study)
     counts, best = summary["counts"], summary["best"]
@@ -108,6 +142,10 @@ def finish_parent(study: StudyConfig, tracker: Tracker, parent: Run, storage: st
         return 0
     console.print(f"[green]study {study.name}[/green]: {line}")
     if best:
-        console.print(f"best trial {best['number']}: {study.objective.metric} = {best['value']:.4f} with {best['params']}")
-    console.print(f"runs: MLflow experiment '{study.name}' in {tracker.uri} (make ui); tables: python -m harness.report --study {study.name}")
+        console.print(
+            f"best trial {best['number']}: {study.objective.metric} = {best['value']:.4f} with {best['params']}"
+        )
+    console.print(
+        f"runs: MLflow experiment '{study.name}' in {tracker.uri} (make ui); tables: python -m harness.report --study {study.name}"
+    )
     return 0

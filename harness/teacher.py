@@ -36,14 +36,18 @@ def load_checkpoint(path: str | Path, device: torch.device) -> tuple[nn.Module, 
 
     path = Path(path)
     if not path.is_file():
-        raise HarnessError(f"teacher checkpoint {path} not found; give an existing .pt file or an experiment file")
+        raise HarnessError(
+            f"teacher checkpoint {path} not found; give an existing .pt file or an experiment file"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         cfg = build_experiment(payload["config"], str(path))
         model = build_model(cfg.model, payload["in_channels"], payload["num_classes"])
         model.load_state_dict(payload["state_dict"])
     except (KeyError, RuntimeError) as exc:
-        raise HarnessError(f"{path}: not a kd-harness checkpoint ({exc}); use a model.pt logged by a harness run") from None
+        raise HarnessError(
+            f"{path}: not a kd-harness checkpoint ({exc}); use a model.pt logged by a harness run"
+        ) from None
     return freeze(model.to(device)), payload
 
 
@@ -77,7 +81,9 @@ class CachedTeacher:
             logits, feats = live(x, idx)
             for name, value in {"__logits__": logits, **feats}.items():
                 if name not in self.store:
-                    self.store[name] = torch.empty((len(split), *value.shape[1:]), dtype=torch.bfloat16, device=device)
+                    self.store[name] = torch.empty(
+                        (len(split), *value.shape[1:]), dtype=torch.bfloat16, device=device
+                    )
                 self.store[name][idx.to(device)] = value.to(torch.bfloat16)
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor):
@@ -96,7 +102,9 @@ def cache_bytes(live: LiveTeacher, split, device: torch.device) -> int:
 _CACHE: dict[tuple, CachedTeacher] = {}
 
 
-def serve_teacher(model: nn.Module, layers: list[str], data: DataSplits, train_cfg, device, autocast, key: tuple):
+def serve_teacher(
+    model: nn.Module, layers: list[str], data: DataSplits, train_cfg, device, autocast, key: tuple
+):
     """A callable (x, idx) -> (logits, features): cached when inputs are fixed and it fits, live otherwise.
 
     Returns the server and a short description for the run's tags.

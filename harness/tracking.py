@@ -20,7 +20,12 @@ PARAM_VALUE_LIMIT = 6000
 
 # run status in MLflow for each way a training run can end
 RUN_STATUS = {
-    "finished": "FINISHED", "failed": "FAILED", "diverged": "FAILED", "pruned": "KILLED", "interrupted": "KILLED", "abandoned": "KILLED",
+    "finished": "FINISHED",
+    "failed": "FAILED",
+    "diverged": "FAILED",
+    "pruned": "KILLED",
+    "interrupted": "KILLED",
+    "abandoned": "KILLED",
 }
 
 
@@ -79,7 +84,11 @@ class Tracker:
         if experiments is None:
             ids = [e.experiment_id for e in self.client.search_experiments()]
         else:
-            ids = [e.experiment_id for n in experiments if (e := self.client.get_experiment_by_name(n)) is not None]
+            ids = [
+                e.experiment_id
+                for n in experiments
+                if (e := self.client.get_experiment_by_name(n)) is not None
+            ]
         if not ids:
             return []
         return list(self.client.search_runs(ids, filter_string=filter_string, max_results=max_results))
@@ -94,16 +103,26 @@ class Tracker:
         are skipped, so an unknown experiment gives an empty frame."""
         import pandas as pd
 
-        found = self.client.search_experiments() if experiments is None else [
-            e for n in experiments if (e := self.client.get_experiment_by_name(n)) is not None
-        ]
+        found = (
+            self.client.search_experiments()
+            if experiments is None
+            else [e for n in experiments if (e := self.client.get_experiment_by_name(n)) is not None]
+        )
         names = {e.experiment_id: e.name for e in found}
         rows, token = [], None
         while names:
-            page = self.client.search_runs(list(names), filter_string=filter_string, max_results=1000, page_token=token)
+            page = self.client.search_runs(
+                list(names), filter_string=filter_string, max_results=1000, page_token=token
+            )
             for r in page:
-                row = {"run_id": r.info.run_id, "experiment": names.get(r.info.experiment_id), "run_name": r.info.run_name,
-                       "status": r.info.status, "start_time": r.info.start_time, "end_time": r.info.end_time}
+                row = {
+                    "run_id": r.info.run_id,
+                    "experiment": names.get(r.info.experiment_id),
+                    "run_name": r.info.run_name,
+                    "status": r.info.status,
+                    "start_time": r.info.start_time,
+                    "end_time": r.info.end_time,
+                }
                 row.update({f"params.{k}": v for k, v in r.data.params.items()})
                 row.update({f"metrics.{k}": v for k, v in r.data.metrics.items()})
                 row.update({f"tags.{k}": v for k, v in r.data.tags.items()})

@@ -136,7 +136,12 @@ def fit(
             n_batches = 0
             start = time.perf_counter()
             for x, y, idx in iterate_batches(
-                data.train, tc.batch_size, device=device, shuffle=True, generator=generator, drop_last=drop_last
+                data.train,
+                tc.batch_size,
+                device=device,
+                shuffle=True,
+                generator=generator,
+                drop_last=drop_last,
             ):
                 with autocast():
                     logits = model(x)

@@ -19,7 +19,9 @@ def label_colours(num_classes: int, ignore_index: int) -> np.ndarray:
     return table
 
 
-def prediction_grid(images: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor, num_classes: int, ignore_index: int):
+def prediction_grid(
+    images: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor, num_classes: int, ignore_index: int
+):
     """A matplotlib figure with one row per image: the input, its ground truth, the model's prediction."""
     colours = label_colours(num_classes, ignore_index)
     n = len(images)

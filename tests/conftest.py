@@ -31,20 +31,26 @@ def store(tmp_path, monkeypatch) -> str:
 
 @pytest.fixture
 def tiny_teacher(tmp_path) -> Path:
-    return write_yaml(tmp_path / "experiments" / "teacher.yaml", {
-        "name": "tiny_teacher",
-        "data": TINY_DATA,
-        "model": {"name": "unet", "width": 4, "depth": 3},
-        "train": TINY_TRAIN,
-    })
+    return write_yaml(
+        tmp_path / "experiments" / "teacher.yaml",
+        {
+            "name": "tiny_teacher",
+            "data": TINY_DATA,
+            "model": {"name": "unet", "width": 4, "depth": 3},
+            "train": TINY_TRAIN,
+        },
+    )
 
 
 @pytest.fixture
 def tiny_experiment(tmp_path, tiny_teacher) -> Path:
-    return write_yaml(tmp_path / "experiments" / "student.yaml", {
-        "name": "tiny_student",
-        "data": TINY_DATA,
-        "model": {"name": "unet", "width": 2, "depth": 3},
-        "train": TINY_TRAIN,
-        "teacher": str(tiny_teacher),
-    })
+    return write_yaml(
+        tmp_path / "experiments" / "student.yaml",
+        {
+            "name": "tiny_student",
+            "data": TINY_DATA,
+            "model": {"name": "unet", "width": 2, "depth": 3},
+            "train": TINY_TRAIN,
+            "teacher": str(tiny_teacher),
+        },
+    )

@@ -532,7 +532,9 @@ def test_config_defaults_and_parsing():
 # --------------------------------------------------------------------------- end to end on tiny UNets
 
 
-@pytest.mark.parametrize("method", sorted(set(KD_METHODS.names()) - {"none", "combo"}))  # combo: test_combo.py
+@pytest.mark.parametrize(
+    "method", sorted(set(KD_METHODS.names()) - {"none", "combo"})
+)  # combo: test_combo.py
 def test_end_to_end_step_on_tiny_unets(method):
     torch.manual_seed(0)
     student, teacher = UNet(1, 11, width=2, depth=3), UNet(1, 11, width=4, depth=3).eval()

@@ -12,7 +12,16 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_kd_training_run_on_cuda_with_bf16(store, tiny_experiment):
-    args = ["train", "--config", str(tiny_experiment), "--set", "kd.method=response", "--set", "train.device=cuda", "--quiet"]
+    args = [
+        "train",
+        "--config",
+        str(tiny_experiment),
+        "--set",
+        "kd.method=response",
+        "--set",
+        "train.device=cuda",
+        "--quiet",
+    ]
     assert main(args) == 0
     client = MlflowClient(store)
     (run,) = client.search_runs([client.get_experiment_by_name("tiny_student").experiment_id])

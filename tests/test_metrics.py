@@ -28,8 +28,14 @@ def test_miou_and_pixel_accuracy_match_hand_computed_confusion_matrix():
     expected_miou = (0.5 + 2 / 3 + 0.5) / 3
     expected_acc = 5 / 7
     split = TensorSplit(torch.zeros(1, 1, 2, 4), target)
-    out = evaluate(FixedPrediction(pred, 3), split, task="segmentation", num_classes=3, ignore_index=255,
-                   device=torch.device("cpu"))
+    out = evaluate(
+        FixedPrediction(pred, 3),
+        split,
+        task="segmentation",
+        num_classes=3,
+        ignore_index=255,
+        device=torch.device("cpu"),
+    )
     assert abs(out["miou"] - expected_miou) < 1e-6
     assert abs(out["pixel_acc"] - expected_acc) < 1e-6
     assert [round(out[f"iou_{i}"], 6) for i in range(3)] == [0.5, round(2 / 3, 6), 0.5]
@@ -39,8 +45,14 @@ def test_class_absent_from_target_and_prediction_is_dropped_from_the_mean():
     target = torch.tensor([[[0, 0, 1, 1]]])
     pred = torch.tensor([[[0, 0, 1, 0]]])
     split = TensorSplit(torch.zeros(1, 1, 1, 4), target)
-    out = evaluate(FixedPrediction(pred, 4), split, task="segmentation", num_classes=4, ignore_index=255,
-                   device=torch.device("cpu"))
+    out = evaluate(
+        FixedPrediction(pred, 4),
+        split,
+        task="segmentation",
+        num_classes=4,
+        ignore_index=255,
+        device=torch.device("cpu"),
+    )
     # IoU0 = 2/3, IoU1 = 1/2; classes 2 and 3 never appear, so the mean is over two classes
     assert abs(out["miou"] - (2 / 3 + 1 / 2) / 2) < 1e-6
 
@@ -53,8 +65,14 @@ def test_classification_accuracy():
         def forward(self, x):
             return logits[: len(x)]
 
-    out = evaluate(Fixed(), TensorSplit(torch.zeros(4, 1, 2, 2), target), task="classification", num_classes=3,
-                   ignore_index=255, device=torch.device("cpu"))
+    out = evaluate(
+        Fixed(),
+        TensorSplit(torch.zeros(4, 1, 2, 2), target),
+        task="classification",
+        num_classes=3,
+        ignore_index=255,
+        device=torch.device("cpu"),
+    )
     assert out["accuracy"] == 0.75
 
 

@@ -19,16 +19,19 @@ pytestmark = pytest.mark.slow
 def study_file(tmp_path, tiny_experiment):
     # GridSampler(seed=1) visits lr 0.05 (learns), then 1e30 (diverges), then 1e-12 (frozen at its
     # initial weights: pruned against the first trial's curve by the median pruner).
-    return write_yaml(tmp_path / "studies" / "e2e.yaml", {
-        "experiment": str(tiny_experiment),
-        "objective": {"metric": "val/miou", "direction": "maximize"},
-        "budget": {"trials": 3},
-        "sampler": {"name": "grid", "seed": 1},
-        "pruner": {"name": "median", "warmup_epochs": 0, "startup_trials": 1},
-        "seeds": [0, 1],
-        "fixed": {"kd.method": "response", "kd.temperature": 2.0},
-        "search": {"train.lr": {"choices": [0.05, 1.0e-12, 1.0e30]}},
-    })
+    return write_yaml(
+        tmp_path / "studies" / "e2e.yaml",
+        {
+            "experiment": str(tiny_experiment),
+            "objective": {"metric": "val/miou", "direction": "maximize"},
+            "budget": {"trials": 3},
+            "sampler": {"name": "grid", "seed": 1},
+            "pruner": {"name": "median", "warmup_epochs": 0, "startup_trials": 1},
+            "seeds": [0, 1],
+            "fixed": {"kd.method": "response", "kd.temperature": 2.0},
+            "search": {"train.lr": {"choices": [0.05, 1.0e-12, 1.0e30]}},
+        },
+    )
 
 
 def runs_by_role(client, experiment: str) -> dict[str, list]:
@@ -45,12 +48,17 @@ def test_study_end_to_end_with_resume(tmp_path, store, study_file):
     assert main([*args, "--trials", "2"]) == 0  # stop after two trials ...
     assert main(args) == 0  # ... and resume to the budget of three
 
-    study = optuna.load_study(study_name="e2e", storage=optuna.storages.journal.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(journal)))
+    study = optuna.load_study(
+        study_name="e2e",
+        storage=optuna.storages.journal.JournalStorage(optuna.storages.journal.JournalFileBackend(journal)),
+    )
     trials = sorted(study.get_trials(), key=lambda t: t.number)
     assert [t.params["train.lr"] for t in trials] == [0.05, 1e30, 1e-12]
-    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
-                                         optuna.trial.TrialState.PRUNED]
+    assert [t.state for t in trials] == [
+        optuna.trial.TrialState.COMPLETE,
+        optuna.trial.TrialState.FAIL,
+        optuna.trial.TrialState.PRUNED,
+    ]
     assert trials[1].user_attrs["state"] == "diverged"
 
     client = MlflowClient(store)
@@ -66,7 +74,10 @@ def test_study_end_to_end_with_resume(tmp_path, store, study_file):
     status = {n: (r.info.status, r.data.tags["state"]) for n, r in trial_runs.items()}
     assert status == {0: ("FINISHED", "finished"), 1: ("FAILED", "diverged"), 2: ("KILLED", "pruned")}
     assert "diverged" in trial_runs[1].data.tags["failure"]
-    assert trial_runs[0].data.params["train.lr"] == "0.05" and trial_runs[0].data.params["kd.method"] == "response"
+    assert (
+        trial_runs[0].data.params["train.lr"] == "0.05"
+        and trial_runs[0].data.params["kd.method"] == "response"
+    )
 
     # the finished trial's metrics are the mean and spread of its two seed runs
     seeds = [r for r in roles["seed"] if r.data.tags["mlflow.parentRunId"] == trial_runs[0].info.run_id]
@@ -80,7 +91,11 @@ def test_study_end_to_end_with_resume(tmp_path, store, study_file):
         assert [m.step for m in history] == [0, 1]  # the KD term per epoch
         assert run.data.metrics["params"] > 0 and run.data.metrics["ms_per_image"] > 0
         assert run.data.tags["teacher.source"].startswith("run ")
-        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "model.pt", "predictions.png"}
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
+            "config.yaml",
+            "model.pt",
+            "predictions.png",
+        }
 
     # the teacher was trained once, before the trials, and reused by all of them
     teacher_runs = runs_by_role(client, "teachers")["teacher"]
@@ -90,17 +105,27 @@ def test_study_end_to_end_with_resume(tmp_path, store, study_file):
 
 def test_two_local_workers_share_one_study(tmp_path, store, tiny_teacher):
     """WORKERS=2: two processes on the journal storage, logging through one local MLflow server."""
-    study = write_yaml(tmp_path / "studies" / "two.yaml", {
-        "experiment": str(tiny_teacher), "budget": {"trials": 4}, "sampler": {"name": "random", "seed": 0},
-        "search": {"train.lr": {"low": 0.001, "high": 0.05, "log": True}},
-    })
+    study = write_yaml(
+        tmp_path / "studies" / "two.yaml",
+        {
+            "experiment": str(tiny_teacher),
+            "budget": {"trials": 4},
+            "sampler": {"name": "random", "seed": 0},
+            "search": {"train.lr": {"low": 0.001, "high": 0.05, "log": True}},
+        },
+    )
     journal = str(tmp_path / "journal.log")
     assert main(["sweep", "--study", str(study), "--storage", journal, "--workers", "2", "--quiet"]) == 0
-    trials = optuna.load_study(study_name="two", storage=optuna.storages.journal.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(journal))).get_trials()
+    trials = optuna.load_study(
+        study_name="two",
+        storage=optuna.storages.journal.JournalStorage(optuna.storages.journal.JournalFileBackend(journal)),
+    ).get_trials()
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(complete) == 4 and len({t.params["train.lr"] for t in complete}) == 4  # no duplicated proposals
+    assert (
+        len(complete) == 4 and len({t.params["train.lr"] for t in complete}) == 4
+    )  # no duplicated proposals
     roles = runs_by_role(MlflowClient(store), "two")
     assert len(roles["study"]) == 1 and roles["study"][0].info.status == "FINISHED"
-    assert sorted(int(r.data.tags["optuna.trial"]) for r in roles["trial"] if r.data.tags["state"] == "finished") == sorted(
-        t.number for t in complete)
+    assert sorted(
+        int(r.data.tags["optuna.trial"]) for r in roles["trial"] if r.data.tags["state"] == "finished"
+    ) == sorted(t.number for t in complete)

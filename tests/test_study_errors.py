@@ -12,8 +12,10 @@ def good_study(experiment) -> dict:
     return {
         "experiment": str(experiment),
         "budget": {"trials": 2},
-        "search": {"kd.method": {"choices": ["none", "response"]},
-                   "kd.temperature": {"low": 1.0, "high": 4.0, "when": {"kd.method": "response"}}},
+        "search": {
+            "kd.method": {"choices": ["none", "response"]},
+            "kd.temperature": {"low": 1.0, "high": 4.0, "when": {"kd.method": "response"}},
+        },
     }
 
 
@@ -21,26 +23,73 @@ BROKEN = {
     "unknown top-level key": (lambda s: {**s, "budjet": {"trials": 2}}, "budjet: unknown key"),
     "no budget": (lambda s: {k: v for k, v in s.items() if k != "budget"}, "budget: required key is missing"),
     "empty budget": (lambda s: {**s, "budget": {}}, "set budget.trials or budget.timeout"),
-    "unknown sampler": (lambda s: {**s, "sampler": {"name": "bayes"}}, "sampler.name: Input should be 'tpe', 'random' or 'grid'"),
+    "unknown sampler": (
+        lambda s: {**s, "sampler": {"name": "bayes"}},
+        "sampler.name: Input should be 'tpe', 'random' or 'grid'",
+    ),
     "unknown pruner": (lambda s: {**s, "pruner": {"name": "asha"}}, "pruner.name"),
-    "unknown KD method": (lambda s: {**s, "search": {"kd.method": {"choices": ["none", "telepathy"]}}}, "unknown choice 'telepathy'"),
-    "misspelt config key": (lambda s: {**s, "search": {"model.widht": {"choices": [2, 4]}}}, "model.widht: unknown key"),
-    "low above high": (lambda s: {**s, "search": {"train.lr": {"low": 0.1, "high": 0.01}}}, "low (0.1) is above high (0.01)"),
-    "log scale from zero": (lambda s: {**s, "search": {"train.lr": {"low": 0, "high": 0.1, "log": True}}}, "log scale needs low > 0"),
-    "range and choices": (lambda s: {**s, "search": {"train.lr": {"low": 0.1, "high": 1, "choices": [1]}}}, "either choices or low/high"),
-    "condition on unknown key": (lambda s: {**s, "search": {"kd.temperature": {"low": 1, "high": 2, "when": {"kd.mehtod": "response"}}}},
-                                 "neither searched nor fixed"),
-    "condition listed after": (lambda s: {**s, "search": dict(reversed(list(s["search"].items())))}, "list ['kd.method'] above kd.temperature"),
-    "unknown objective metric": (lambda s: {**s, "objective": {"metric": "accuracy@5"}}, "unknown metric 'accuracy@5'"),
-    "bad direction": (lambda s: {**s, "objective": {"metric": "val/miou", "direction": "up"}}, "objective.direction"),
-    "grid over a range": (lambda s: {**s, "sampler": {"name": "grid"}, "search": {"train.lr": {"low": 0.1, "high": 1.0}}}, "grid sampler needs plain choices"),
-    "missing experiment file": (lambda s: {**s, "experiment": "experiments/nope.yaml"}, "experiment: file experiments/nope.yaml not found"),
+    "unknown KD method": (
+        lambda s: {**s, "search": {"kd.method": {"choices": ["none", "telepathy"]}}},
+        "unknown choice 'telepathy'",
+    ),
+    "misspelt config key": (
+        lambda s: {**s, "search": {"model.widht": {"choices": [2, 4]}}},
+        "model.widht: unknown key",
+    ),
+    "low above high": (
+        lambda s: {**s, "search": {"train.lr": {"low": 0.1, "high": 0.01}}},
+        "low (0.1) is above high (0.01)",
+    ),
+    "log scale from zero": (
+        lambda s: {**s, "search": {"train.lr": {"low": 0, "high": 0.1, "log": True}}},
+        "log scale needs low > 0",
+    ),
+    "range and choices": (
+        lambda s: {**s, "search": {"train.lr": {"low": 0.1, "high": 1, "choices": [1]}}},
+        "either choices or low/high",
+    ),
+    "condition on unknown key": (
+        lambda s: {
+            **s,
+            "search": {"kd.temperature": {"low": 1, "high": 2, "when": {"kd.mehtod": "response"}}},
+        },
+        "neither searched nor fixed",
+    ),
+    "condition listed after": (
+        lambda s: {**s, "search": dict(reversed(list(s["search"].items())))},
+        "list ['kd.method'] above kd.temperature",
+    ),
+    "unknown objective metric": (
+        lambda s: {**s, "objective": {"metric": "accuracy@5"}},
+        "unknown metric 'accuracy@5'",
+    ),
+    "bad direction": (
+        lambda s: {**s, "objective": {"metric": "val/miou", "direction": "up"}},
+        "objective.direction",
+    ),
+    "grid over a range": (
+        lambda s: {**s, "sampler": {"name": "grid"}, "search": {"train.lr": {"low": 0.1, "high": 1.0}}},
+        "grid sampler needs plain choices",
+    ),
+    "missing experiment file": (
+        lambda s: {**s, "experiment": "experiments/nope.yaml"},
+        "experiment: file experiments/nope.yaml not found",
+    ),
     "KD without a teacher": (lambda s: s, "needs a teacher"),
-    "constraint with both bounds": (lambda s: {**s, "constraints": [{"metric": "params", "max": 1, "min": 0}]}, "exactly one of max or min"),
+    "constraint with both bounds": (
+        lambda s: {**s, "constraints": [{"metric": "params", "max": 1, "min": 0}]},
+        "exactly one of max or min",
+    ),
     "duplicate seeds": (lambda s: {**s, "seeds": [0, 0]}, "seeds has duplicates"),
     "fixed and searched": (lambda s: {**s, "fixed": {"kd.method": "none"}}, "both fixed and searched"),
-    "impossible value": (lambda s: {**s, "fixed": {"train.epochs": 0}}, "train.epochs: Input should be greater than or equal to 1"),
-    "pruning on a test metric": (lambda s: {**s, "objective": {"metric": "test/miou"}, "pruner": {"name": "median"}}, "pruning reads the per-epoch validation metric"),
+    "impossible value": (
+        lambda s: {**s, "fixed": {"train.epochs": 0}},
+        "train.epochs: Input should be greater than or equal to 1",
+    ),
+    "pruning on a test metric": (
+        lambda s: {**s, "objective": {"metric": "test/miou"}, "pruner": {"name": "median"}},
+        "pruning reads the per-epoch validation metric",
+    ),
 }
 
 

@@ -26,12 +26,25 @@ def journal_study(path: str, name: str) -> optuna.Study:
 
 
 def test_failing_trial_keeps_its_traceback_and_the_study_goes_on(tmp_path, store):
-    exp = write_yaml(tmp_path / "exp.yaml", {"name": "f", "data": {**TINY_DATA, "image_size": 48},
-                                             "model": {"name": "unet", "width": 2, "depth": 3}, "train": TINY_TRAIN})
+    exp = write_yaml(
+        tmp_path / "exp.yaml",
+        {
+            "name": "f",
+            "data": {**TINY_DATA, "image_size": 48},
+            "model": {"name": "unet", "width": 2, "depth": 3},
+            "train": TINY_TRAIN,
+        },
+    )
     # depth 6 pools five times: 48 is not divisible by 32, so that trial's forward pass raises
-    study = write_yaml(tmp_path / "faulty.yaml", {"experiment": str(exp), "budget": {"trials": 2},
-                                                  "sampler": {"name": "grid", "seed": 0},
-                                                  "search": {"model.depth": {"choices": [3, 6]}}})
+    study = write_yaml(
+        tmp_path / "faulty.yaml",
+        {
+            "experiment": str(exp),
+            "budget": {"trials": 2},
+            "sampler": {"name": "grid", "seed": 0},
+            "search": {"model.depth": {"choices": [3, 6]}},
+        },
+    )
     journal = str(tmp_path / "journal.log")
     assert main(["sweep", "--study", str(study), "--storage", journal, "--quiet"]) == 0
 
@@ -50,16 +63,29 @@ def test_failing_trial_keeps_its_traceback_and_the_study_goes_on(tmp_path, store
 
 
 def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path, store):
-    exp = write_yaml(tmp_path / "exp.yaml", {"name": "i", "data": TINY_DATA, "model": {"name": "unet", "width": 2, "depth": 3},
-                                             "train": {**TINY_TRAIN, "epochs": 60}})
+    exp = write_yaml(
+        tmp_path / "exp.yaml",
+        {
+            "name": "i",
+            "data": TINY_DATA,
+            "model": {"name": "unet", "width": 2, "depth": 3},
+            "train": {**TINY_TRAIN, "epochs": 60},
+        },
+    )
     study = write_yaml(tmp_path / "interrupt.yaml", {"experiment": str(exp), "budget": {"trials": 1}})
     journal = str(tmp_path / "journal.log")
     cmd = [sys.executable, "-m", "harness", "sweep", "--study", str(study), "--storage", journal, "--quiet"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": store}, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, env={**os.environ, "MLFLOW_TRACKING_URI": store}, stderr=subprocess.PIPE, text=True
+    )
     client = MlflowClient(store)
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until the trial has trained an epoch or two
-        exp_obj = client.get_experiment_by_name("interrupt") if os.path.exists(store.removeprefix("sqlite:///")) else None
+        exp_obj = (
+            client.get_experiment_by_name("interrupt")
+            if os.path.exists(store.removeprefix("sqlite:///"))
+            else None
+        )
         runs = client.search_runs([exp_obj.experiment_id], "tags.role = 'seed'") if exp_obj else []
         if runs and client.get_metric_history(runs[0].info.run_id, "train/loss"):
             break
@@ -72,13 +98,29 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path, store):
     (trial,) = journal_study(journal, "interrupt").get_trials()
     assert trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs["state"] == "interrupted"
     exp_id = client.get_experiment_by_name("interrupt").experiment_id
-    states = {r.data.tags["role"]: (r.info.status, r.data.tags["state"]) for r in client.search_runs([exp_id])}
-    assert states == {"study": ("KILLED", "interrupted"), "trial": ("KILLED", "interrupted"), "seed": ("KILLED", "interrupted")}
+    states = {
+        r.data.tags["role"]: (r.info.status, r.data.tags["state"]) for r in client.search_runs([exp_id])
+    }
+    assert states == {
+        "study": ("KILLED", "interrupted"),
+        "trial": ("KILLED", "interrupted"),
+        "seed": ("KILLED", "interrupted"),
+    }
 
     # the interrupted trial does not use budget: resuming trains one more and finishes the study
     short = [*cmd, "--trials", "1"]
-    write_yaml(exp, {"name": "i", "data": TINY_DATA, "model": {"name": "unet", "width": 2, "depth": 3}, "train": TINY_TRAIN})
-    done = subprocess.run(short, env={**os.environ, "MLFLOW_TRACKING_URI": store}, capture_output=True, text=True, timeout=300)
+    write_yaml(
+        exp,
+        {
+            "name": "i",
+            "data": TINY_DATA,
+            "model": {"name": "unet", "width": 2, "depth": 3},
+            "train": TINY_TRAIN,
+        },
+    )
+    done = subprocess.run(
+        short, env={**os.environ, "MLFLOW_TRACKING_URI": store}, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     states = [t.state for t in journal_study(journal, "interrupt").get_trials()]
     assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
@@ -87,14 +129,34 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path, store):
 
 
 def test_objective_metric_the_task_does_not_log_stops_the_study_in_one_line(tmp_path, store, capsys):
-    exp = write_yaml(tmp_path / "exp.yaml", {"name": "m", "data": TINY_DATA, "model": {"name": "unet", "width": 2, "depth": 3},
-                                             "train": TINY_TRAIN})
-    study = write_yaml(tmp_path / "wrongmetric.yaml", {"experiment": str(exp), "budget": {"trials": 3},
-                                                       "objective": {"metric": "val/accuracy"},
-                                                       "search": {"train.lr": {"choices": [0.01]}}})
+    exp = write_yaml(
+        tmp_path / "exp.yaml",
+        {
+            "name": "m",
+            "data": TINY_DATA,
+            "model": {"name": "unet", "width": 2, "depth": 3},
+            "train": TINY_TRAIN,
+        },
+    )
+    study = write_yaml(
+        tmp_path / "wrongmetric.yaml",
+        {
+            "experiment": str(exp),
+            "budget": {"trials": 3},
+            "objective": {"metric": "val/accuracy"},
+            "search": {"train.lr": {"choices": [0.01]}},
+        },
+    )
     assert main(["sweep", "--study", str(study), "--storage", str(tmp_path / "j.log"), "--quiet"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: study wrongmetric: metric ['val/accuracy'] is not logged") and "val/miou" in err
+    assert (
+        err.startswith("error: study wrongmetric: metric ['val/accuracy'] is not logged")
+        and "val/miou" in err
+    )
     client = MlflowClient(store)
     runs = client.search_runs([client.get_experiment_by_name("wrongmetric").experiment_id])
-    assert {r.data.tags["role"]: r.info.status for r in runs} == {"study": "FAILED", "trial": "FAILED", "seed": "FINISHED"}
+    assert {r.data.tags["role"]: r.info.status for r in runs} == {
+        "study": "FAILED",
+        "trial": "FAILED",
+        "seed": "FINISHED",
+    }

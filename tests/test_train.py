@@ -34,7 +34,9 @@ def test_train_command_logs_a_complete_run(tmp_path, store, tiny_teacher):
     assert [x.step for x in client.get_metric_history(run.info.run_id, "train/loss")] == [0, 1, 2]
     # per-epoch validation, then the selected (best-validation) epoch's value one step after the last epoch
     val = {x.step: x.value for x in client.get_metric_history(run.info.run_id, "val/miou")}
-    assert sorted(val) == [0, 1, 2, 3] and val[3] == val[int(m["best_epoch"])] == max(val[e] for e in range(3))
+    assert sorted(val) == [0, 1, 2, 3] and val[3] == val[int(m["best_epoch"])] == max(
+        val[e] for e in range(3)
+    )
     for key in ("git_commit", "device", "version.torch", "version.mlflow", "config_hash"):
         assert tags[key], key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -50,7 +52,16 @@ def _unet(width):
 
 
 def test_kd_run_trains_the_teacher_once_and_logs_each_term(store, tiny_experiment):
-    args = ["train", "--config", str(tiny_experiment), "--set", "kd.method=response", "--set", "kd.temperature=2", "--quiet"]
+    args = [
+        "train",
+        "--config",
+        str(tiny_experiment),
+        "--set",
+        "kd.method=response",
+        "--set",
+        "kd.temperature=2",
+        "--quiet",
+    ]
     assert main(args) == 0
     assert main(args) == 0
     client = MlflowClient(store)
@@ -84,7 +95,9 @@ def test_cached_teacher_outputs_match_the_live_teacher():
     from harness.data import load_data
     from harness.teacher import CachedTeacher, LiveTeacher
 
-    cfg = build_experiment({"name": "c", "data": TINY_DATA, "model": {"name": "unet", "width": 2, "depth": 3}}, "t")
+    cfg = build_experiment(
+        {"name": "c", "data": TINY_DATA, "model": {"name": "unet", "width": 2, "depth": 3}}, "t"
+    )
     data = load_data(cfg.data)
     teacher = _unet(4).eval()
     live = LiveTeacher(teacher, ["bottleneck"], lambda: torch.autocast("cpu", enabled=False))
@@ -106,8 +119,10 @@ def test_cached_teacher_outputs_match_the_live_teacher():
     ],
 )
 def test_missing_dataset_is_one_line_and_nothing_is_logged(tmp_path, store, data, message, capsys):
-    path = write_yaml(tmp_path / "exp.yaml", {"name": "bad", "data": data, "model": {"name": "unet", "width": 2, "depth": 3},
-                                              "train": TINY_TRAIN})
+    path = write_yaml(
+        tmp_path / "exp.yaml",
+        {"name": "bad", "data": data, "model": {"name": "unet", "width": 2, "depth": 3}, "train": TINY_TRAIN},
+    )
     code = main(["train", "--config", str(path), "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 3 and err.startswith("error: ") and message in err and "\n" not in err
@@ -124,10 +139,24 @@ def test_bad_mask_value_in_a_worker_is_still_one_line(tmp_path, store, capsys):
     rng = np.random.default_rng(0)
     for i in range(10):
         Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / "images" / f"s{i}.png")
-        Image.fromarray(np.full((16, 16), 7 if i == 3 else i % 2, dtype=np.uint8)).save(root / "masks" / f"s{i}.png")
-    path = write_yaml(tmp_path / "exp.yaml", {
-        "name": "folder", "data": {"source": "folder", "root": str(root), "num_classes": 2, "val_fraction": 0.2, "test_fraction": 0.2},
-        "model": {"name": "unet", "width": 2, "depth": 3}, "train": {**TINY_TRAIN, "batch_size": 2}})
+        Image.fromarray(np.full((16, 16), 7 if i == 3 else i % 2, dtype=np.uint8)).save(
+            root / "masks" / f"s{i}.png"
+        )
+    path = write_yaml(
+        tmp_path / "exp.yaml",
+        {
+            "name": "folder",
+            "data": {
+                "source": "folder",
+                "root": str(root),
+                "num_classes": 2,
+                "val_fraction": 0.2,
+                "test_fraction": 0.2,
+            },
+            "model": {"name": "unet", "width": 2, "depth": 3},
+            "train": {**TINY_TRAIN, "batch_size": 2},
+        },
+    )
     code = main(["train", "--config", str(path), "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 3 and "s3.png" in err and "\n" not in err and "Traceback" not in err, err

@@ -76,7 +76,9 @@ def _compose(
             r, c = spot
             occupied.append((r, c, side))
             src = int(rng.choice(pool))
-            glyph = F.interpolate(digits[src][None, None], size=(side, side), mode="bilinear", align_corners=False)[0, 0]
+            glyph = F.interpolate(
+                digits[src][None, None], size=(side, side), mode="bilinear", align_corners=False
+            )[0, 0]
             glyph = glyph.clamp(0, 1)
             images[i, 0, r : r + side, c : c + side] = glyph
             region = masks[i, r : r + side, c : c + side]

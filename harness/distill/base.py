@@ -57,7 +57,9 @@ class KDConfigBase(BaseModel):
     @model_validator(mode="after")
     def _check_regime(self):
         if self.regime == "sequential" and self.soft_epochs == 0:
-            raise ValueError("regime 'sequential' needs soft_epochs >= 1 (epochs of soft training before hard)")
+            raise ValueError(
+                "regime 'sequential' needs soft_epochs >= 1 (epochs of soft training before hard)"
+            )
         return self
 
     def weights(self, epoch: int) -> tuple[float, float]:
@@ -85,7 +87,9 @@ class FeatureKDConfig(KDConfigBase):
     def _check_layers(self):
         s, t = self.student_layers, self.teacher_layers
         if s is not None and t is not None and len(s) != len(t):
-            raise ValueError(f"student_layers has {len(s)} names but teacher_layers has {len(t)}; they pair up in order")
+            raise ValueError(
+                f"student_layers has {len(s)} names but teacher_layers has {len(t)}; they pair up in order"
+            )
         return self
 
 
@@ -129,7 +133,9 @@ class Distiller(nn.Module):
     def setup(self, student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size]) -> None:
         """Build adapters once the feature shapes (N, C, H, W) of the tapped layers are known."""
 
-    def prepare(self, teacher_batches: Callable[[], Iterable[KDBatch]], device: torch.device) -> dict[str, float]:
+    def prepare(
+        self, teacher_batches: Callable[[], Iterable[KDBatch]], device: torch.device
+    ) -> dict[str, float]:
         """Train frozen helpers on the teacher's outputs before the student's training; return metrics to log."""
         return {}
 

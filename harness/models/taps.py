@@ -14,7 +14,9 @@ class FeatureTap:
         missing = [n for n in names if n not in modules]
         if missing:
             sample = ", ".join(list(getattr(model, "kd_layers", []))[:8]) or ", ".join(list(modules)[1:9])
-            raise ValueError(f"{type(model).__name__} has no layer named {missing}; choose from e.g. {sample}")
+            raise ValueError(
+                f"{type(model).__name__} has no layer named {missing}; choose from e.g. {sample}"
+            )
         self.modules = {n: modules[n] for n in names}
         self.features: dict[str, torch.Tensor] = {}
         self._handles: list = []

@@ -35,7 +35,9 @@ class DoubleConv(nn.Sequential):
 
 
 class UNet(nn.Module):
-    def __init__(self, in_channels: int, num_classes: int, width: int = 16, depth: int = 5, batch_norm: bool = True):
+    def __init__(
+        self, in_channels: int, num_classes: int, width: int = 16, depth: int = 5, batch_norm: bool = True
+    ):
         super().__init__()
         chans = [width * 2**i for i in range(depth)]
         self.down = nn.ModuleList()
@@ -52,12 +54,16 @@ class UNet(nn.Module):
             self.up.append(DoubleConv(2 * c, c, batch_norm))
         self.head = nn.Conv2d(chans[0], num_classes, 1)
         n_up = depth - 1
-        self.kd_layers = [f"down.{i}" for i in range(depth - 1)] + ["bottleneck"] + [f"up.{i}" for i in range(n_up)]
+        self.kd_layers = (
+            [f"down.{i}" for i in range(depth - 1)] + ["bottleneck"] + [f"up.{i}" for i in range(n_up)]
+        )
         self.min_size = 2 ** (depth - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] % self.min_size or x.shape[-2] % self.min_size:
-            raise ValueError(f"UNet of depth {len(self.down) + 1} needs H and W divisible by {self.min_size}, got {tuple(x.shape[-2:])}")
+            raise ValueError(
+                f"UNet of depth {len(self.down) + 1} needs H and W divisible by {self.min_size}, got {tuple(x.shape[-2:])}"
+            )
         skips = []
         for block in self.down:
             x = block(x)
