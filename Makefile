@@ -49,7 +49,7 @@ dashboard: setup
 ARTIFACTS ?= mlruns/server-artifacts
 PGPORT ?= 5433
 server: setup
-	$(PY) -m harness.tracking_server $(if $(BACKEND),--backend '$(BACKEND)') --artifacts '$(ARTIFACTS)' --host $(HOST) --port $(PORT) --pg-port $(PGPORT) $(if $(ALLOWED_HOSTS),--allowed-hosts '$(ALLOWED_HOSTS)')
+	$(PY) -m harness.tracking.server $(if $(BACKEND),--backend '$(BACKEND)') --artifacts '$(ARTIFACTS)' --host $(HOST) --port $(PORT) --pg-port $(PGPORT) $(if $(ALLOWED_HOSTS),--allowed-hosts '$(ALLOWED_HOSTS)')
 
 # `make worker STUDY=quickstart STORAGE=postgresql://... TRACKING=http://host:5000`: joins the study; one worker
 # per visible GPU (PER_GPU=2 for two per GPU), one on a CPU-only machine.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from harness.provenance import device_name, git_commit
+from harness.tracking.provenance import device_name, git_commit
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 

@@ -15,7 +15,7 @@ import torch  # noqa: E402
 import torch.utils.benchmark as tb  # noqa: E402
 
 from benchmarks.common import device, table, write_section  # noqa: E402
-from harness.evaluate import ms_per_image  # noqa: E402
+from harness.engine.evaluate import ms_per_image  # noqa: E402
 from harness.models.unet import UNet  # noqa: E402
 
 

@@ -22,8 +22,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from benchmarks.common import device, table, write_section  # noqa: E402
+from harness.engine.fit import autocast_factory  # noqa: E402
 from harness.models.unet import UNet  # noqa: E402
-from harness.train import autocast_factory  # noqa: E402
 
 
 def sync(dev):

@@ -46,10 +46,9 @@ def study(name: str, experiment: Path, trials: int, pruner: str) -> dict:
 
 
 def epochs_spent(tracker: Tracker, name: str) -> int:
-    total = 0
-    for run in tracker.search([name], filter_string="tags.role = 'seed'"):
-        total += len(tracker.client.get_metric_history(run.info.run_id, "train/loss"))
-    return total
+    runs = tracker.runs_frame([name])
+    seeds = runs[runs["tags.role"] == "seed"]
+    return sum(len(tracker.metric_history(run_id, "train/loss")) for run_id in seeds["run_id"])
 
 
 def main() -> None:
@@ -72,9 +71,10 @@ def main() -> None:
                 == 0
             )
             wall = time.perf_counter() - start
-            trials = tracker.search([name], filter_string="tags.role = 'trial'")
-            best = max(r.data.metrics["val/miou"] for r in trials if r.data.tags.get("state") == "finished")
-            pruned = sum(r.data.tags.get("state") == "pruned" for r in trials)
+            runs = tracker.runs_frame([name])
+            trials = runs[runs["tags.role"] == "trial"]
+            best = trials.loc[trials["tags.state"] == "finished", "metrics.val/miou"].max()
+            pruned = int((trials["tags.state"] == "pruned").sum())
             rows.append(
                 {
                     "pruner": pruner,

@@ -29,10 +29,10 @@ from torchmetrics.classification import MulticlassJaccardIndex  # noqa: E402
 from benchmarks.common import device, table, write_section  # noqa: E402
 from harness.config import build_experiment  # noqa: E402
 from harness.data import load_data  # noqa: E402
-from harness.experiment import run_experiment  # noqa: E402
+from harness.engine.run import run_experiment  # noqa: E402
+from harness.engine.teacher import _CACHE as teacher_cache  # noqa: E402
+from harness.engine.teacher import checkpoint_payload  # noqa: E402
 from harness.models.unet import UNet  # noqa: E402
-from harness.teacher import _CACHE as teacher_cache  # noqa: E402
-from harness.teacher import checkpoint_payload  # noqa: E402
 from harness.tracking import Tracker  # noqa: E402
 
 DATA = {"source": "digits_seg", "image_size": 64, "train": 1000, "val": 200, "test": 200, "seed": 0}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import yaml
@@ -22,19 +23,17 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
 
 def cmd_train(args) -> int:
     from harness.config import load_experiment
-    from harness.experiment import run_experiment
-    from harness.progress import console, epoch_progress
+    from harness.data.base import quality_metric, task_of
+    from harness.engine.progress import console, epoch_progress
+    from harness.engine.run import run_experiment
     from harness.tracking import Tracker
 
     cfg = load_experiment(args.config, parse_overrides(args.set))
     tracker = Tracker(args.tracking_uri)
+    role = "teacher" if cfg.kd.method == "none" else "student"
     with epoch_progress(cfg.train.epochs, cfg.name, enabled=not args.quiet) as progress:
         outcome = run_experiment(
-            cfg,
-            tracker,
-            experiment=args.experiment or cfg.name,
-            progress=progress,
-            role="teacher" if cfg.kd.method == "none" else "student",
+            cfg, tracker, experiment=args.experiment or cfg.name, progress=progress, role=role
         )
     m = outcome.metrics
     if outcome.state != "finished":
@@ -42,12 +41,87 @@ def cmd_train(args) -> int:
             f"[red]run {outcome.run_id} {outcome.state}[/red]: see its 'failure' tag in the MLflow UI"
         )
         return 1
-    key = "miou" if "test/miou" in m else "accuracy"
+    key = quality_metric(task_of(m))
     console.print(
-        f"[green]run {outcome.run_id} finished[/green]: val/{key} {m[f'val/{key}']:.4f}  test/{key} {m[f'test/{key}']:.4f}  "
-        f"ms/image {m['ms_per_image']:.2f}  store {tracker.uri}"
+        f"[green]run {outcome.run_id} finished[/green]: val/{key} {m[f'val/{key}']:.4f}  "
+        f"test/{key} {m[f'test/{key}']:.4f}  ms/image {m['ms_per_image']:.2f}  store {tracker.uri}"
     )
     return 0
+
+
+def _load_study(args):
+    """The validated study file with the command line's budget overrides. Nothing is written before this."""
+    from harness.sweep.config import load_study
+
+    study = load_study(args.study)
+    if args.trials is not None:
+        study.budget.trials = args.trials
+    if args.timeout is not None:
+        study.budget.timeout = args.timeout
+    return study
+
+
+def cmd_sweep(args) -> int:
+    from harness.sweep.driver import ensure_teacher, finish_parent, open_parent, run_in_process
+    from harness.sweep.workers import run_local_workers
+    from harness.tracking import Tracker
+
+    study = _load_study(args)
+    tracker = Tracker(args.tracking_uri)
+    ensure_teacher(study, tracker)
+    parent = open_parent(tracker, study, args.storage)
+    try:
+        if args.workers <= 1:
+            state = run_in_process(study, tracker, parent, args.storage, quiet=args.quiet)
+        else:
+            state = run_local_workers(study, tracker, parent, args)
+    except HarnessError as exc:
+        parent.set_tags({"failure": str(exc)[:500]})
+        parent.end("failed")
+        raise
+    return finish_parent(study, tracker, parent, args.storage, state)
+
+
+def cmd_worker(args) -> int:
+    from harness.sweep.driver import ensure_teacher, finish_parent, open_parent, run_in_process
+    from harness.sweep.workers import gpu_slots, run_gpu_workers
+    from harness.tracking import Tracker
+
+    study = _load_study(args)
+    tracker = Tracker(args.tracking_uri)
+    ensure_teacher(study, tracker)
+    slots = gpu_slots(args.per_gpu)
+    if len(slots) > 1:
+        return run_gpu_workers(args, slots)
+    parent = open_parent(tracker, study, args.storage, reopen=False)
+    is_rdb = bool(args.storage) and "://" in args.storage
+    heartbeat = args.heartbeat if args.heartbeat is not None else (30 if is_rdb else None)
+    worker = args.worker_index if args.worker_index is not None else os.getpid()
+    state = run_in_process(
+        study, tracker, parent, args.storage, quiet=args.quiet, heartbeat=heartbeat, worker=worker
+    )
+    if (
+        state == "spent"
+    ):  # every worker that sees the budget spent updates the parent run's summary and closes it
+        return finish_parent(study, tracker, parent, args.storage, "finished", announce=not args.quiet)
+    return 0 if state == "finished" else (130 if state == "interrupted" else 1)
+
+
+def _store_options(p) -> None:
+    p.add_argument(
+        "--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no live display")
+
+
+def _study_options(p) -> None:
+    p.add_argument("--study", required=True, help="study file, e.g. studies/quickstart.yaml")
+    p.add_argument("--trials", type=int, help="override budget.trials")
+    p.add_argument("--timeout", type=float, help="override budget.timeout (seconds)")
+    p.add_argument(
+        "--storage", help="Optuna storage: a journal file (default mlruns/optuna/journal.log) or an RDB URL"
+    )
+    _store_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,15 +134,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. train.epochs=2"
     )
     train.add_argument("--experiment", help="MLflow experiment name (default: the config's name)")
-    train.add_argument(
-        "--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)"
-    )
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    _store_options(train)
     train.set_defaults(func=cmd_train)
 
-    from harness import study_cli
+    sweep = sub.add_parser("sweep", help="run (or resume) the Optuna study of a study file")
+    _study_options(sweep)
+    sweep.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
+    sweep.set_defaults(func=cmd_sweep)
 
-    study_cli.register(sub)
+    worker = sub.add_parser(
+        "worker", help="join a study as one worker (scale-out: many machines, one storage)"
+    )
+    _study_options(worker)
+    worker.add_argument("--worker-index", type=int, default=None, help="distinguishes workers' sampler seeds")
+    worker.add_argument(
+        "--heartbeat", type=int, default=None, help="RDB storage heartbeat seconds (default 30 for RDB)"
+    )
+    worker.add_argument(
+        "--per-gpu",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes per visible GPU (default 1); with several GPUs, or N > 1, this "
+        "process starts one worker per slot, each with its own CUDA_VISIBLE_DEVICES",
+    )
+    worker.set_defaults(func=cmd_worker)
     return parser
 
 

@@ -40,6 +40,9 @@ class Registry:
     def config_class(self, name: str) -> type[BaseModel]:
         return self._entries[name][0]
 
+    def config_classes(self) -> list[type[BaseModel]]:
+        return [cls for cls, _ in self._entries.values()]
+
     def build(self, cfg: BaseModel, *args, **kwargs):
         return self._entries[getattr(cfg, self.key)][1](cfg, *args, **kwargs)
 

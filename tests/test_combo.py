@@ -18,7 +18,7 @@ from harness.distill.triplet import sample_negatives, sample_triplets
 from harness.errors import ConfigError
 from harness.models.taps import FeatureTap, probe_shapes
 from harness.models.unet import UNet
-from harness.study_config import load_study
+from harness.sweep.config import load_study
 from tests.conftest import write_yaml
 
 Combo = KD_METHODS.config_class("combo")

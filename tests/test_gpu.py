@@ -31,7 +31,7 @@ def test_kd_training_run_on_cuda_with_bf16(store, tiny_experiment):
 
 
 def test_autocast_is_bf16_on_cuda():
-    from harness.train import autocast_factory
+    from harness.engine.fit import autocast_factory
 
     with autocast_factory(torch.device("cuda"), True)():
         out = torch.nn.Linear(4, 4).cuda()(torch.randn(2, 4, device="cuda"))

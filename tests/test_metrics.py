@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from harness.data.base import TensorSplit
-from harness.evaluate import count_flops, evaluate, ms_per_image
+from harness.engine.evaluate import count_flops, evaluate, ms_per_image
 
 
 class FixedPrediction(nn.Module):

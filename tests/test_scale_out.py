@@ -18,8 +18,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from harness.postgres import find_bindir, sqlalchemy_url, throwaway
-from harness.tracking_server import serve
+from harness.tracking.postgres import find_bindir, sqlalchemy_url, throwaway
+from harness.tracking.server import serve
 from tests.conftest import TINY_DATA, TINY_TRAIN, write_yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,8 +147,8 @@ def check_one_finished_run_per_trial(study: optuna.Study, client: MlflowClient, 
 def test_waiting_worker_retries_a_dead_workers_trial(pg):
     """The last trial of the budget runs in a worker that died: the survivor neither starts surplus trials
     nor stops, but waits until the heartbeat marks the trial stale, then trains its re-queued copy."""
-    from harness.study import SurplusTrial, open_storage, optimize, sample, used_budget
-    from harness.study_config import StudyConfig
+    from harness.sweep.optuna_study import SurplusTrial, open_storage, optimize, sample, used_budget
+    from harness.sweep.config import StudyConfig
 
     cfg = StudyConfig.model_validate(
         {
@@ -317,13 +317,13 @@ def test_report_reads_scale_out_study(killed_study, tracking):
 
 
 def test_gpu_slots_and_one_worker_per_slot(monkeypatch):
-    from harness import study_cli
+    from harness.sweep import workers
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert study_cli.gpu_slots(1) == []
+    assert workers.gpu_slots(1) == []
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
-    assert study_cli.gpu_slots(1) == ["2", "3"]
-    assert study_cli.gpu_slots(2) == ["2", "2", "3", "3"]
+    assert workers.gpu_slots(1) == ["2", "3"]
+    assert workers.gpu_slots(2) == ["2", "2", "3", "3"]
 
     started = []
 
@@ -334,7 +334,7 @@ def test_gpu_slots_and_one_worker_per_slot(monkeypatch):
         def wait(self):
             return 0
 
-    monkeypatch.setattr(study_cli.subprocess, "Popen", Proc)
+    monkeypatch.setattr(workers.subprocess, "Popen", Proc)
     from harness.cli import build_parser
 
     args = build_parser().parse_args(
@@ -352,7 +352,7 @@ def test_gpu_slots_and_one_worker_per_slot(monkeypatch):
             "1",
         ]
     )
-    assert study_cli.run_gpu_workers(args, study_cli.gpu_slots(args.per_gpu)) == 0
+    assert workers.run_gpu_workers(args, workers.gpu_slots(args.per_gpu)) == 0
     assert [gpu for _, gpu in started] == ["2", "2", "3", "3"]
     for i, (cmd, _) in enumerate(started):
         assert cmd[cmd.index("--per-gpu") + 1] == "1"  # each child runs one worker on its one GPU
@@ -362,7 +362,7 @@ def test_gpu_slots_and_one_worker_per_slot(monkeypatch):
 
 
 def test_urls():
-    from harness.sweep import _redact
+    from harness.sweep.driver import _redact
 
     assert sqlalchemy_url("postgresql://u@h:5432/optuna").startswith("postgresql+psycopg")
     assert sqlalchemy_url("postgresql+psycopg2://u@h/db") == "postgresql+psycopg2://u@h/db"

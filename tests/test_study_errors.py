@@ -130,7 +130,7 @@ def test_not_yaml_and_not_a_mapping(tmp_path, store, capsys):
 def test_every_shipped_study_file_validates():
     from pathlib import Path
 
-    from harness.study_config import load_study
+    from harness.sweep.config import load_study
 
     files = sorted(Path("studies").glob("*.yaml"))
     assert len(files) >= 9

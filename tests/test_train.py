@@ -93,7 +93,7 @@ def test_regimes_and_schedule_set_the_weights_per_epoch():
 
 def test_cached_teacher_outputs_match_the_live_teacher():
     from harness.data import load_data
-    from harness.teacher import CachedTeacher, LiveTeacher
+    from harness.engine.teacher import CachedTeacher, LiveTeacher
 
     cfg = build_experiment(
         {"name": "c", "data": TINY_DATA, "model": {"name": "unet", "width": 2, "depth": 3}}, "t"

@@ -13,6 +13,20 @@ from harness.registry import Registry
 
 DATA = Registry("data source", "source")
 IGNORE_INDEX = 255
+QUALITY = {"segmentation": "miou", "classification": "accuracy"}  # the metric each task is judged by
+
+
+def quality_metric(task: str) -> str:
+    """``miou`` or ``accuracy``: logged as ``val/<it>`` and ``test/<it>``, the default objective."""
+    return QUALITY[task]
+
+
+def task_of(metric_names) -> str:
+    """The task whose quality metric is among logged metric names (``test/accuracy``, ``metrics.val/miou``)."""
+    for task, metric in QUALITY.items():
+        if any(str(name).endswith(f"/{metric}") for name in metric_names):
+            return task
+    return "segmentation"
 
 
 class DataConfigBase(BaseModel):

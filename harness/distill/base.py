@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,11 @@ class KDConfigBase(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
+    # What the report shows of a method: the field it plots and tabulates as the KD temperature (if any),
+    # and short column labels for its knobs.
+    temperature_field: ClassVar[str | None] = None
+    knob_labels: ClassVar[dict[str, str]] = {"alpha": "α", "beta": "β"}
+
     alpha: float = Field(1.0, ge=0, description="weight of the hard-label cross-entropy")
     beta: float = Field(1.0, ge=0, description="weight of the KD terms")
     regime: Literal["mixed", "soft", "hard", "sequential"] = "mixed"
@@ -159,3 +164,14 @@ def require_same_classes(student_logits: torch.Tensor, teacher_logits: torch.Ten
             f"{method}: student predicts {student_logits.shape[1]} classes but the teacher {teacher_logits.shape[1]}; "
             "train the teacher on the same dataset"
         )
+
+
+def temperature_keys() -> list[str]:
+    """Config keys (``kd.<field>``) that methods declare as their temperature."""
+    fields = {cls.temperature_field for cls in KD_METHODS.config_classes()}
+    return sorted(f"kd.{f}" for f in fields if f)
+
+
+def knob_labels() -> dict[str, str]:
+    """Column labels of the KD methods' knobs, by config key (``kd.temperature`` -> ``T``)."""
+    return {f"kd.{k}": v for cls in KD_METHODS.config_classes() for k, v in cls.knob_labels.items()}

@@ -10,7 +10,7 @@ is bilinearly resized to the teacher's. Needs spatial maps: for classifiers use 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch.nn.functional as F
 from pydantic import Field, model_validator
@@ -21,6 +21,9 @@ from harness.distill.base import KD_METHODS, Distiller, FeatureKDConfig, match_s
 
 class CWDConfig(FeatureKDConfig):
     method: Literal["cwd"] = "cwd"
+    temperature_field: ClassVar[str | None] = "tau"
+    knob_labels: ClassVar[dict[str, str]] = {**FeatureKDConfig.knob_labels, "tau": "τ"}
+
     beta: float = Field(3.0, ge=0, description="weight of the KD terms")
     tau: float = Field(4.0, gt=0)
     source: Literal["logits", "features"] = "logits"

@@ -10,7 +10,7 @@ bilinearly resized to the teacher's (as in Knowledge Adaptation, seed 004).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch.nn.functional as F
 from pydantic import Field
@@ -20,6 +20,9 @@ from harness.distill.base import KD_METHODS, Distiller, KDConfigBase, match_spat
 
 class ResponseConfig(KDConfigBase):
     method: Literal["response"] = "response"
+    temperature_field: ClassVar[str | None] = "temperature"
+    knob_labels: ClassVar[dict[str, str]] = {**KDConfigBase.knob_labels, "temperature": "T"}
+
     temperature: float = Field(4.0, gt=0)
 
 

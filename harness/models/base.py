@@ -20,10 +20,3 @@ class ModelConfigBase(BaseModel):
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def default_kd_layers(model: nn.Module) -> list[str]:
-    layers = getattr(model, "kd_layers", None)
-    if not layers:
-        raise ValueError(f"{type(model).__name__} names no kd_layers; set the layers in the kd block")
-    return list(layers)

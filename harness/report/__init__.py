@@ -6,6 +6,6 @@ front), ``plots``, ``markdown`` (table writer), ``build`` (one study's folder), 
 """
 
 from harness.report.build import StudyReport, analyse, write
-from harness.report.load import ReportError, load_study, study_names
+from harness.report.load import ReportError, load_study
 
-__all__ = ["ReportError", "StudyReport", "analyse", "load_study", "study_names", "write"]
+__all__ = ["ReportError", "StudyReport", "analyse", "load_study", "write"]

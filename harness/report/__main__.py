@@ -56,11 +56,11 @@ def _open_store(uri: str | None):
 def run(args) -> int:
     from harness.report.across import write_all
     from harness.report.build import analyse, write
-    from harness.report.load import ReportError, study_names
+    from harness.report.load import ReportError
 
     formats = _formats(args.format)
     tracker = _open_store(args.tracking_uri)
-    known = study_names(tracker)
+    known = tracker.study_names()
     out = Path(args.out)
     if args.study != "all" and args.study not in known:
         raise ReportError(

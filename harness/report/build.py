@@ -61,24 +61,11 @@ def analyse(tracker: Tracker, name: str) -> StudyReport:
         raise ReportError(f"study {name} has no finished trials yet ({done}); nothing to report", 1)
     groups = build_groups(study)
     seeds = group_seeds(study, groups)
-    tables = [
-        t
-        for t in (
-            baseline_table(study, groups, seeds),
-            method_table(study, groups),
-            width_table(study, groups),
-            temperature_table(study, groups),
-            seeds_table(study, groups, seeds),
-            classification_table(study, groups, seeds),
-            best_trials_table(study),
-            _importances(study),
-        )
-        if t is not None
-    ]
+    tables = [t for make in TABLES if (t := make(study, groups, seeds)) is not None]
     return StudyReport(study, groups, tables, _intro(study, groups, counts))
 
 
-def _importances(study: StudyRuns) -> Table:
+def parent_importances(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) -> Table:
     parent = study.parent if study.parent is not None else pd.Series(dtype=object)
     found = {
         k.removeprefix("metrics.importance/"): float(v)
@@ -96,6 +83,20 @@ def _importances(study: StudyRuns) -> Table:
         "Not recorded: the sweep logs importances on the study's parent run when it "
         "ends, given at least two finished trials and a varying parameter.",
     )
+
+
+# Every table a report can hold, in order. Adding a table: one function (study, groups, seeds) -> Table | None
+# and one entry here.
+TABLES = (
+    baseline_table,
+    method_table,
+    width_table,
+    temperature_table,
+    seeds_table,
+    classification_table,
+    best_trials_table,
+    parent_importances,
+)
 
 
 def _intro(study: StudyRuns, groups: pd.DataFrame, counts: dict[str, int]) -> list[str]:

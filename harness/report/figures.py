@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from harness.distill.base import temperature_keys
 from harness.report import plots
 from harness.report.groups import best_per, group_seeds, student_keys, temperature, varying
 from harness.report.load import curves
@@ -67,7 +68,7 @@ def make_plots(report, tracker: Tracker, folder: Path) -> list[tuple[str, str]]:
     temps = groups.assign(x=temperature(groups))
     temps = temps[temps["x"].notna()]
     if temps["x"].nunique() > 1:
-        others = [k for k in varying(temps) if k not in ("kd.temperature", "kd.tau", "kd.method")]
+        others = [k for k in varying(temps) if k not in (*temperature_keys(), "kd.method")]
         keys = [
             k for k in others if temps[f"params.{k}"].nunique() <= min(4, len(temps) - 1)
         ]  # categorical-like

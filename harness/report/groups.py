@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from harness.distill.base import temperature_keys
 from harness.report.load import StudyRuns
 
 NOT_CONFIG = {"name", "seed", "seeds", "train.seed", "train.device"}
@@ -151,9 +152,9 @@ def student_keys(groups: pd.DataFrame) -> list[str]:
 
 
 def temperature(groups: pd.DataFrame) -> pd.Series:
-    """The KD temperature of each group: ``kd.temperature`` (response) or ``kd.tau`` (cwd), else NaN."""
+    """The KD temperature of each group: the field its method declares as its temperature, else NaN."""
     out = pd.Series(np.nan, index=groups.index, dtype=float)
-    for key in ("params.kd.tau", "params.kd.temperature"):
+    for key in (f"params.{k}" for k in temperature_keys()):
         if key in groups:
             values = pd.to_numeric(groups[key], errors="coerce")
             out = values.where(values.notna(), out)

@@ -9,15 +9,16 @@ convenience columns: ``trial``, ``state``, ``method`` and, for seed runs, ``seed
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from harness.data.base import quality_metric, task_of
+from harness.engine.teacher import find_teacher_run, is_checkpoint
 from harness.errors import HarnessError
 from harness.tracking import Tracker
 
-TEACHER_EXPERIMENT = "teachers"
 _INT = re.compile(r"^[+-]?\d+$")
 _TEACHER_RUN = re.compile(r"^run (\w+)")
 
@@ -39,16 +40,15 @@ class StudyRuns:
     objective: str = "val/miou"
     direction: str = "maximize"
     teacher: dict | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def task(self) -> str:
-        return "classification" if "metrics.test/accuracy" in self.seeds else "segmentation"
+        return task_of(self.seeds.columns)
 
     @property
     def quality(self) -> str:
         """The held-out metric the tables lead with."""
-        return "test/accuracy" if self.task == "classification" else "test/miou"
+        return f"test/{quality_metric(self.task)}"
 
 
 def parse_value(text):
@@ -65,12 +65,6 @@ def parse_value(text):
         return float(text)
     except ValueError:
         return text
-
-
-def study_names(tracker: Tracker) -> list[str]:
-    """Experiments that hold a study's parent run (tag role=study)."""
-    runs = tracker.runs_frame(filter_string="tags.role = 'study'")
-    return sorted(set(runs["experiment"])) if len(runs) else []
 
 
 def _typed(frame: pd.DataFrame) -> pd.DataFrame:
@@ -116,8 +110,8 @@ def load_study(tracker: Tracker, name: str) -> StudyRuns:
     objective = parent.get("params.objective") if parent is not None else None
     if isinstance(objective, str) and " " in objective:
         study.direction, study.objective = objective.split(" ", 1)
-    elif study.task == "classification":
-        study.objective = "val/accuracy"
+    else:
+        study.objective = f"val/{quality_metric(study.task)}"
     study.teacher = find_teacher(tracker, study)
     return study
 
@@ -125,44 +119,31 @@ def load_study(tracker: Tracker, name: str) -> StudyRuns:
 def find_teacher(tracker: Tracker, study: StudyRuns) -> dict | None:
     """The teacher's run: named by the seed runs' ``teacher.source`` tag, else found by its config hash."""
     run_id = None
-    sources = _col(study.seeds, "tags.teacher.source").dropna()
-    for source in sources:
+    for source in _col(study.seeds, "tags.teacher.source").dropna():
         if m := _TEACHER_RUN.match(str(source)):
             run_id = m.group(1)
             break
     if run_id is None:
         run_id = _teacher_by_hash(tracker, study)
-    if run_id is None:
+    record = tracker.run_record(run_id) if run_id else None
+    if record is None:
         return None
-    try:
-        run = tracker.client.get_run(run_id)
-    except Exception:  # deleted or from another store
-        return None
-    metrics = run.data.metrics
     return {
         "run_id": run_id,
-        "name": run.info.run_name,
-        "metrics": metrics,
-        "width": parse_value(run.data.params.get("model.width")),
+        "name": record["run_name"],
+        "metrics": {k.removeprefix("metrics."): v for k, v in record.items() if k.startswith("metrics.")},
+        "width": parse_value(record.get("params.model.width")),
     }
 
 
 def _teacher_by_hash(tracker: Tracker, study: StudyRuns) -> str | None:
-    spec = None
-    if study.parent is not None:
-        spec = study.parent.get("params.teacher")
-    if not isinstance(spec, str) or spec.endswith((".pt", ".pth")) or not Path(spec).is_file():
+    spec = study.parent.get("params.teacher") if study.parent is not None else None
+    if not isinstance(spec, str) or is_checkpoint(spec) or not Path(spec).is_file():
         return None
-    from harness.config import load_experiment
-
     try:
-        digest = load_experiment(spec).hash()
+        return find_teacher_run(spec, tracker)
     except HarnessError:
         return None
-    found = tracker.runs_frame(
-        [TEACHER_EXPERIMENT], f"tags.config_hash = '{digest}' and tags.state = 'finished'"
-    )
-    return found["run_id"].iloc[0] if len(found) else None
 
 
 def curves(tracker: Tracker, seeds: pd.DataFrame, keys: tuple[str, ...]) -> pd.DataFrame:

@@ -4,6 +4,9 @@ Which tables a study gets follows from what its trials vary: a method table when
 nothing does), a width table when ``model.width`` varies, temperature tables when the KD temperature does,
 a classification table when the runs have accuracy metrics. Rows that stand for a choice (a method, a
 width) show the configuration with the best validation objective among those tried for it.
+
+Every table function takes the same three inputs (the study's runs, its configurations pooled over seeds,
+and its seed runs) and returns None when the study has nothing for it; ``build.TABLES`` lists them.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from harness.data.base import quality_metric
+from harness.distill.base import knob_labels, temperature_keys
 from harness.report.groups import best_per, student_keys, temperature, varying
 from harness.report.load import StudyRuns
 from harness.report.markdown import Table
@@ -18,13 +23,11 @@ from harness.report.markdown import Table
 LABELS = {
     "model.width": "k",
     "kd.method": "KD method",
-    "kd.temperature": "T",
-    "kd.tau": "τ",
     "data.source": "dataset",
     "train.lr": "lr",
-    "kd.alpha": "α",
-    "kd.beta": "β",
+    **knob_labels(),
 }
+METRIC_LABELS = {"miou": "mIoU", "accuracy": "accuracy"}
 NON_TERMS = {"loss", "loss_final", "loss_best_epoch", "alpha", "beta"}
 
 
@@ -33,7 +36,7 @@ def label(key: str) -> str:
 
 
 def quality_label(study: StudyRuns) -> str:
-    return "test accuracy" if study.task == "classification" else "test mIoU"
+    return f"test {METRIC_LABELS[quality_metric(study.task)]}"
 
 
 def stat(
@@ -55,7 +58,7 @@ def trials_text(rows: pd.DataFrame) -> list[str]:
     return [", ".join(map(str, t)) for t in rows["trials"]]
 
 
-def method_table(study: StudyRuns, groups: pd.DataFrame) -> Table | None:
+def method_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) -> Table | None:
     if "kd.method" not in varying(groups) and varying(groups):
         return None
     keys = ["kd.method", *student_keys(groups)]
@@ -79,7 +82,7 @@ def method_table(study: StudyRuns, groups: pd.DataFrame) -> Table | None:
     )
 
 
-def width_table(study: StudyRuns, groups: pd.DataFrame) -> Table | None:
+def width_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) -> Table | None:
     if "model.width" not in varying(groups):
         return None
     keys = ["model.width", *(["kd.method"] if "kd.method" in varying(groups) else [])]
@@ -103,7 +106,7 @@ def width_table(study: StudyRuns, groups: pd.DataFrame) -> Table | None:
     )
 
 
-def temperature_table(study: StudyRuns, groups: pd.DataFrame) -> Table | None:
+def temperature_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) -> Table | None:
     temps = groups.assign(_T=temperature(groups))
     temps = temps[temps["_T"].notna()]
     if temps["_T"].nunique() < 2:
@@ -152,7 +155,7 @@ def seeds_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) -> 
     temps = temps[temps["_T"].notna()]
     if temps["_T"].nunique() < 2 or (temps["seeds_finished"] + temps["seeds_diverged"]).max() < 2:
         return None
-    keys = [k for k in varying(temps) if k not in ("kd.temperature", "kd.tau")]
+    keys = [k for k in varying(temps) if k not in temperature_keys()]
     temps = temps.sort_values(["_T", *[f"params.{k}" for k in keys]])
     all_seeds = sorted(int(s) for s in seeds["seed"].dropna().unique())
     out = pd.DataFrame({"T": temps["_T"].to_numpy()})
@@ -215,7 +218,7 @@ def loss_used(seeds: pd.DataFrame, method: str) -> str:
     return f"{method}: {' + '.join(terms)}" if terms else method
 
 
-def best_trials_table(study: StudyRuns, top: int = 5) -> Table:
+def best_trials_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame, top: int = 5) -> Table:
     done = study.trials[study.trials["state"] == "finished"].copy()
     obj = f"metrics.{study.objective}"
     done = done.sort_values(obj, ascending=study.direction == "minimize").head(top)

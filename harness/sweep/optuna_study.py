@@ -22,9 +22,10 @@ import optuna
 from optuna.trial import TrialState
 
 from harness.config import load_experiment
+from harness.data.base import QUALITY
+from harness.engine.run import run_experiment
 from harness.errors import HarnessError
-from harness.experiment import run_experiment
-from harness.study_config import StudyConfig, example_experiment
+from harness.sweep.config import StudyConfig, example_experiment
 from harness.tracking import Tracker
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)  # our display reports trial outcomes
@@ -58,7 +59,7 @@ def open_storage(url: str | None, heartbeat: int | None = None, retries: int = 2
         path = Path(url.removeprefix("journal:") if url else DEFAULT_JOURNAL)
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
-    from harness.postgres import sqlalchemy_url
+    from harness.tracking.postgres import sqlalchemy_url
 
     kwargs: dict[str, Any] = {}
     if heartbeat:
@@ -245,7 +246,11 @@ class TrialRunner:
         violations = [c.violation(summary[c.metric]) for c in self.study.constraints]
         trial.set_user_attr("constraints", violations)
         trial.set_user_attr("state", "finished")
-        for key in ("val/miou", "test/miou", "val/accuracy", "test/accuracy", "params", "ms_per_image"):
+        for key in (
+            *(f"{s}/{q}" for s in ("val", "test") for q in QUALITY.values()),
+            "params",
+            "ms_per_image",
+        ):
             if key in summary:
                 trial.set_user_attr(key, summary[key])
         run.set_tags({"feasible": all(v <= 0 for v in violations)})
@@ -257,15 +262,7 @@ class TrialRunner:
         would otherwise read RUNNING forever, as 'abandoned'."""
         stale = trial.storage.get_trial_system_attrs(trial._trial_id).get("retry_history") or []
         for number in stale:
-            found = self.tracker.search(
-                [self.study.name],
-                filter_string=(
-                    f"tags.`optuna.study` = '{self.study.name}' and tags.`optuna.trial` = '{number}' "
-                    "and attributes.status = 'RUNNING'"
-                ),
-            )
-            for r in found:
-                run = self.tracker.run(r.info.run_id)
+            for run in self.tracker.open_trial_runs(self.study.name, number):
                 run.set_tags({"failure": f"worker died (heartbeat stale); retried as trial {trial.number}"})
                 run.end("abandoned")
 

@@ -1,10 +1,7 @@
-"""Rich progress displays for training (epochs) and studies (trials)."""
+"""Live study display: trials against the budget, the best so far, the running trial's epochs."""
 
 from __future__ import annotations
 
-import contextlib
-
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -14,37 +11,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console(stderr=True)
-
-
-@contextlib.contextmanager
-def epoch_progress(total: int, description: str, enabled: bool = True):
-    """Yields a callback(epoch, metrics) that advances a bar showing loss and the validation metric."""
-    if not enabled:
-        yield None
-        return
-    columns = [
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}  val {task.fields[val]}"),
-        TimeElapsedColumn(),
-        TextColumn("left"),
-        TimeRemainingColumn(),
-    ]
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(description, total=total, loss="-", val="-")
-
-        def update(epoch: int, metrics: dict[str, float]) -> None:
-            val = metrics.get("val/miou", metrics.get("val/accuracy"))
-            bar.update(
-                task,
-                completed=epoch + 1,
-                loss=f"{metrics.get('train/loss', float('nan')):.4f}",
-                val=f"{val:.4f}" if val is not None else "-",
-            )
-
-        yield update
+from harness.engine.progress import console
 
 
 class StudyDisplay:
@@ -77,7 +44,7 @@ class StudyDisplay:
         self.bar.__exit__(*exc)
 
     def refresh(self) -> None:
-        from harness.study import summarize, used_budget
+        from harness.sweep.optuna_study import summarize, used_budget
 
         summary = summarize(self.study)
         c, best = summary["counts"], summary["best"]

@@ -4,7 +4,7 @@
 It listens on 127.0.0.1 only, with password-less (trust) logins for the user ``harness``, so it is meant
 for one machine. For several machines, point workers at a real PostgreSQL (see docs/scale-out.md).
 
-    python -m harness.postgres --dir mlruns/postgres --port 5433   # foreground; Ctrl-C stops it
+    python -m harness.tracking.postgres --dir mlruns/postgres --port 5433   # foreground; Ctrl-C stops it
 
 PostgreSQL refuses to run as root; as root its binaries are run as the ``postgres`` user (created by
 Debian's package) through ``runuser``.
@@ -229,7 +229,7 @@ def _interrupt(*_) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m harness.postgres",
+        prog="python -m harness.tracking.postgres",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

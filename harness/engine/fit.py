@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.data.base import DataSplits, TensorSplit
+from harness.data.base import DataSplits, TensorSplit, quality_metric
 from harness.data.loader import iterate_batches
 from harness.distill.base import Distiller, KDBatch
-from harness.evaluate import evaluate
+from harness.engine.evaluate import evaluate
 from harness.models.taps import FeatureTap
 
 
@@ -32,10 +32,6 @@ class FitResult:
     train_images_per_s: float = 0.0
     step_seconds: float = 0.0  # wall time inside training and evaluation steps
     diverged_at: int | None = None
-
-
-def objective_key(task: str) -> str:
-    return "miou" if task == "segmentation" else "accuracy"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -96,6 +92,72 @@ def build_scheduler(optimizer, cfg):
     return None
 
 
+@dataclass
+class Step:
+    """What one training epoch needs besides the model: the loss weighting and the teacher's outputs."""
+
+    optimizer: torch.optim.Optimizer
+    distiller: Distiller
+    teacher: Callable | None
+    tap: FeatureTap
+    class_weights: torch.Tensor | None
+    autocast: Callable
+    generator: torch.Generator
+    drop_last: bool
+
+
+def train_epoch(model: nn.Module, data: DataSplits, cfg, step: Step, epoch: int, device) -> tuple[dict, int]:
+    """One pass over the training split. Returns the mean of each loss term (``train/<term>``, read from the
+    device once) and the number of images seen."""
+    alpha, beta = cfg.kd.weights(epoch)
+    use_teacher = beta > 0 and step.distiller.needs_teacher
+    model.train()
+    step.distiller.train()
+    sums: dict[str, torch.Tensor] = {}
+    n_batches = images = 0
+    batches = iterate_batches(
+        data.train,
+        cfg.train.batch_size,
+        device=device,
+        shuffle=True,
+        generator=step.generator,
+        drop_last=step.drop_last,
+    )
+    for x, y, idx in batches:
+        with step.autocast():
+            logits = model(x)
+        ce = F.cross_entropy(logits.float(), y, weight=step.class_weights, ignore_index=data.ignore_index)
+        terms: dict[str, torch.Tensor] = {}
+        if use_teacher:
+            t_logits, t_feats = step.teacher(x, idx)
+            terms = step.distiller(
+                KDBatch(logits, y, t_logits, step.tap.features, t_feats, data.ignore_index)
+            )
+        loss = alpha * ce + beta * sum(terms.values()) if terms else alpha * ce
+        step.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        step.optimizer.step()
+        for name, value in {"loss": loss, "ce": ce, **terms}.items():
+            sums[name] = sums.get(name, 0) + value.detach().float()
+        n_batches += 1
+        images += len(x)
+    means = (torch.stack(list(sums.values())) / n_batches).tolist()
+    return {f"train/{k}": v for k, v in zip(sums, means)}, images
+
+
+def validate(model: nn.Module, data: DataSplits, cfg, device, autocast) -> dict[str, float]:
+    return evaluate(
+        model,
+        data.val,
+        task=data.task,
+        num_classes=data.num_classes,
+        ignore_index=data.ignore_index,
+        device=device,
+        batch_size=max(cfg.train.batch_size, 64),
+        autocast=autocast,
+    )
+
+
 def fit(
     model: nn.Module,
     data: DataSplits,
@@ -110,78 +172,45 @@ def fit(
     """Train ``model`` per ``cfg`` (an ExperimentConfig). ``teacher`` serves (logits, features) per batch.
 
     ``on_epoch(epoch, metrics)`` is called after each epoch's validation; it may raise to stop training
-    (the study driver prunes this way). ``progress(epoch, metrics)`` updates a display.
+    (the study driver prunes this way). ``progress(epoch, metrics)`` updates a display. The model ends with
+    the weights of its best validation epoch.
     """
-    tc, kd = cfg.train, cfg.kd
+    tc = cfg.train
     autocast = autocast_factory(device, tc.amp)
-    weights = class_weights(tc.class_weights, data, device)
     params = list(model.parameters()) + [p for p in distiller.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, tc)
     scheduler = build_scheduler(optimizer, tc)
-    generator = torch.Generator().manual_seed(tc.seed)
-    key = objective_key(data.task)
+    key = quality_metric(data.task)
     result = FitResult(state="finished")
     best_value, best_state, stale = -math.inf, None, 0
     images_seen, train_seconds = 0, 0.0
-    drop_last = len(data.train) > tc.batch_size  # a last batch of one breaks batch norm in training mode
-
     tap = FeatureTap(model, distiller.student_layers)
+    step = Step(
+        optimizer,
+        distiller,
+        teacher,
+        tap,
+        class_weights(tc.class_weights, data, device),
+        autocast,
+        torch.Generator().manual_seed(tc.seed),
+        drop_last=len(data.train) > tc.batch_size,  # a last batch of one breaks batch norm in training mode
+    )
     with tap:
         for epoch in range(tc.epochs):
-            alpha, beta = kd.weights(epoch)
-            use_teacher = beta > 0 and distiller.needs_teacher
-            model.train()
-            distiller.train()
-            sums: dict[str, torch.Tensor] = {}
-            n_batches = 0
             start = time.perf_counter()
-            for x, y, idx in iterate_batches(
-                data.train,
-                tc.batch_size,
-                device=device,
-                shuffle=True,
-                generator=generator,
-                drop_last=drop_last,
-            ):
-                with autocast():
-                    logits = model(x)
-                ce = F.cross_entropy(logits.float(), y, weight=weights, ignore_index=data.ignore_index)
-                terms: dict[str, torch.Tensor] = {}
-                if use_teacher:
-                    t_logits, t_feats = teacher(x, idx)
-                    batch = KDBatch(logits, y, t_logits, tap.features, t_feats, data.ignore_index)
-                    terms = distiller(batch)
-                loss = alpha * ce + beta * sum(terms.values()) if terms else alpha * ce
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                for name, value in {"loss": loss, "ce": ce, **terms}.items():
-                    sums[name] = sums.get(name, 0) + value.detach().float()
-                n_batches += 1
-                images_seen += len(x)
-            train_metrics = {
-                f"train/{k}": v for k, v in zip(sums, (torch.stack(list(sums.values())) / n_batches).tolist())
-            }
+            train_metrics, images = train_epoch(model, data, cfg, step, epoch, device)
             train_seconds += time.perf_counter() - start
+            images_seen += images
             if not all(math.isfinite(v) for v in train_metrics.values()):
                 result.state, result.diverged_at = "diverged", epoch
                 result.history.append({**train_metrics, "epoch": epoch})
                 break
             eval_start = time.perf_counter()
-            val = evaluate(
-                model,
-                data.val,
-                task=data.task,
-                num_classes=data.num_classes,
-                ignore_index=data.ignore_index,
-                device=device,
-                batch_size=max(tc.batch_size, 64),
-                autocast=autocast,
-            )
+            val = validate(model, data, cfg, device, autocast)
             result.step_seconds += time.perf_counter() - eval_start
             metrics = {**train_metrics, **{f"val/{k}": v for k, v in val.items() if not k.startswith("iou_")}}
             if distiller.needs_teacher:
-                metrics.update({"train/alpha": alpha, "train/beta": beta})
+                metrics.update(dict(zip(("train/alpha", "train/beta"), cfg.kd.weights(epoch))))
             metrics["lr"] = optimizer.param_groups[0]["lr"]
             result.history.append({**metrics, "epoch": epoch})
             if val[key] > best_value:

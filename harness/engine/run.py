@@ -19,21 +19,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness.config import ExperimentConfig, load_experiment
+from harness.config import ExperimentConfig
 from harness.data import load_data
 from harness.data.base import DataSplits, TensorSplit
 from harness.distill import KD_METHODS
+from harness.engine.evaluate import count_flops, evaluate, ms_per_image
+from harness.engine.fit import FitResult, autocast_factory, fit, resolve_device
+from harness.engine.teacher import CHECKPOINT_NAME, checkpoint_payload, freeze, load_teacher, serve_teacher
+from harness.engine.visualize import prediction_grid
 from harness.errors import HarnessError
-from harness.evaluate import count_flops, evaluate, ms_per_image
 from harness.models import build_model, count_parameters
 from harness.models.taps import probe_shapes
-from harness.provenance import provenance_tags
-from harness.teacher import CHECKPOINT_NAME, checkpoint_payload, freeze, load_checkpoint, serve_teacher
 from harness.tracking import Run, Tracker
-from harness.train import FitResult, autocast_factory, fit, resolve_device
-from harness.visualize import prediction_grid
-
-TEACHER_EXPERIMENT = "teachers"
+from harness.tracking.provenance import provenance_tags
 
 
 @dataclass
@@ -41,7 +39,6 @@ class Outcome:
     run_id: str
     state: str  # finished, diverged, pruned, failed, interrupted
     metrics: dict[str, float] = field(default_factory=dict)
-    fit: FitResult | None = None
     compute_seconds: float = 0.0  # training and evaluation steps, teacher caching, final test evaluation
 
 
@@ -66,41 +63,6 @@ def cached_data(cfg: ExperimentConfig, device: torch.device) -> DataSplits:
         _DATA.clear()
         _DATA[key] = data
     return _DATA[key]
-
-
-def resolve_teacher(cfg: ExperimentConfig, tracker: Tracker, device: torch.device, data: DataSplits):
-    """The frozen teacher model and a description of where it came from."""
-    spec = cfg.teacher
-    if spec.endswith((".pt", ".pth")):
-        model, payload = load_checkpoint(spec, device)
-        source = f"checkpoint {spec}"
-    else:
-        teacher_cfg = load_experiment(spec)
-        if teacher_cfg.kd.method != "none":
-            raise HarnessError(f"{spec}: a teacher is trained without KD; set its kd.method to none")
-        digest = teacher_cfg.hash()
-        runs = tracker.search(filter_string=f"tags.config_hash = '{digest}' and tags.state = 'finished'")
-        if not runs:
-            print(
-                f"No finished run of teacher {spec} (config hash {digest}) in the store: training it first."
-            )
-            outcome = run_experiment(teacher_cfg, tracker, experiment=TEACHER_EXPERIMENT, role="teacher")
-            if outcome.state != "finished":
-                raise HarnessError(
-                    f"training teacher {spec} ended {outcome.state}; fix its recipe and run again"
-                )
-            run_id = outcome.run_id
-        else:
-            run_id = runs[0].info.run_id
-        with tempfile.TemporaryDirectory() as tmp:
-            model, payload = load_checkpoint(tracker.download(run_id, CHECKPOINT_NAME, tmp), device)
-        source = f"run {run_id} ({spec})"
-    if payload["num_classes"] != data.num_classes or payload["in_channels"] != data.in_channels:
-        raise HarnessError(
-            f"teacher {spec} was trained for {payload['num_classes']} classes / {payload['in_channels']} input channels "
-            f"but the data has {data.num_classes} / {data.in_channels}; train the teacher on the same dataset"
-        )
-    return model, source, payload["config"]
 
 
 def build_distiller(cfg: ExperimentConfig, student, teacher, data: DataSplits, device):
@@ -149,7 +111,7 @@ def run_experiment(
     teacher = teacher_source = None
     teacher_cfg = None
     if cfg.teacher and cfg.kd.method != "none":
-        teacher, teacher_source, teacher_cfg = resolve_teacher(cfg, tracker, device, data)
+        teacher, teacher_source, teacher_cfg = load_teacher(cfg.teacher, tracker, device, data)
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model, data.in_channels, data.num_classes).to(device)
     if device.type == "cuda" and cfg.train.channels_last and data.task == "segmentation":
@@ -217,10 +179,10 @@ def run_experiment(
             )
             run.set_tags({"failure": f"diverged: training loss not finite at epoch {result.diverged_at}"})
             run.end("diverged")
-            return Outcome(run.id, "diverged", {}, result, result.step_seconds + cache_seconds)
+            return Outcome(run.id, "diverged", {}, result.step_seconds + cache_seconds)
         final, test_seconds = finalize(run, model, data, cfg, result, device, autocast, sizes)
         run.end("finished")
-        return Outcome(run.id, "finished", final, result, result.step_seconds + cache_seconds + test_seconds)
+        return Outcome(run.id, "finished", final, result.step_seconds + cache_seconds + test_seconds)
     except BaseException as exc:
         state = next((s for t, s in (stop_states or {}).items() if isinstance(exc, t)), None)
         if state is None:

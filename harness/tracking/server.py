@@ -1,10 +1,9 @@
 """``mlflow server`` processes: one on a free loopback port for the duration of a block (local multi-worker
-sweeps, tests), and ``python -m harness.tracking_server`` behind ``make server`` (scale-out, docs/scale-out.md)."""
+sweeps, tests), and ``python -m harness.tracking.server`` behind ``make server`` (scale-out, docs/scale-out.md)."""
 
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import sys
 import time
@@ -12,12 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from harness.errors import HarnessError
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from harness.tracking.postgres import free_port, sqlalchemy_url
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
@@ -42,13 +36,16 @@ def server_command(
     port: int = 5000,
     workers: int | None = None,
     allowed_hosts: str | None = None,
+    proxied: bool = True,
 ) -> list[str]:
-    """``mlflow server`` over ``backend`` that stores artifacts under ``artifacts`` and serves them to clients
-    (``--serve-artifacts``): workers on other machines upload and download through the server, so only the
-    server needs the artifact folder (a local disk, a shared file system or an object store URI)."""
-    from harness.postgres import sqlalchemy_url
-
+    """``mlflow server`` over ``backend`` that stores artifacts under ``artifacts``. ``proxied``: it serves
+    them to clients (``--serve-artifacts``), so workers on other machines upload and download through the
+    server and only the server needs the artifact folder (a local disk, a shared file system or an object
+    store URI); otherwise clients on this machine write to the folder themselves."""
     destination = str(artifacts) if "://" in str(artifacts) else Path(artifacts).resolve().as_uri()
+    where = ["--artifacts-destination", destination, "--serve-artifacts"]
+    if not proxied:
+        where = ["--default-artifact-root", destination]
     cmd = [
         sys.executable,
         "-m",
@@ -56,9 +53,7 @@ def server_command(
         "server",
         "--backend-store-uri",
         sqlalchemy_url(backend),
-        "--artifacts-destination",
-        destination,
-        "--serve-artifacts",
+        *where,
         "--host",
         host,
         "--port",
@@ -78,13 +73,13 @@ def serve(
     port: int | None = None,
     workers: int = 2,
     log: str | Path | None = None,
+    proxied: bool = True,
 ):
     """An ``mlflow server`` on a free loopback port for the block; yields its URL."""
     port = port or free_port()
     out = open(log, "ab") if log else subprocess.DEVNULL
-    proc = subprocess.Popen(
-        server_command(backend, artifacts, port=port, workers=workers), stdout=out, stderr=out
-    )
+    cmd = server_command(backend, artifacts, port=port, workers=workers, proxied=proxied)
+    proc = subprocess.Popen(cmd, stdout=out, stderr=out)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, timeout=180)  # schema migrations on a fresh database, on a busy machine
@@ -111,34 +106,8 @@ def local_server(backend_uri: str):
         yield backend_uri
         return
     artifacts = Path(backend_uri.removeprefix("sqlite:///")).resolve().parent / "artifacts"
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        backend_uri,
-        "--default-artifact-root",
-        artifacts.as_uri(),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "2",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc)
+    with serve(backend_uri, artifacts, proxied=False) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     p = argparse.ArgumentParser(
-        prog="python -m harness.tracking_server",
+        prog="python -m harness.tracking.server",
         description=main.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -191,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import signal
 
-    from harness.postgres import _interrupt, persistent
+    from harness.tracking.postgres import _interrupt, persistent
 
     signal.signal(signal.SIGTERM, _interrupt)  # stop PostgreSQL on `kill` as on Ctrl-C
     try:

@@ -1,4 +1,5 @@
-"""Teachers: loading a trained one, and serving its outputs to the trainer live or from a cache.
+"""Teachers: finding (or training, once) the one a config names, loading it, and serving its outputs to the
+trainer live or from a cache.
 
 A teacher is named by an experiment file (trained once, then found again in MLflow by its config hash) or
 by a checkpoint file. During training the distiller receives the teacher's logits and tapped features; when
@@ -8,6 +9,7 @@ looked up by sample index, across epochs and across the trials of one process.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +22,68 @@ from harness.models import build_model
 from harness.models.taps import FeatureTap
 
 CHECKPOINT_NAME = "model.pt"
+TEACHER_EXPERIMENT = "teachers"  # where teachers trained on demand are logged
+
+
+def is_checkpoint(spec: str) -> bool:
+    return spec.endswith((".pt", ".pth"))
+
+
+def teacher_config(spec: str):
+    """The experiment config of a teacher named by an experiment file (it must train without KD)."""
+    from harness.config import load_experiment
+
+    cfg = load_experiment(spec)
+    if cfg.kd.method != "none":
+        raise HarnessError(f"{spec}: a teacher is trained without KD; set its kd.method to none")
+    return cfg
+
+
+def find_teacher_run(spec: str, tracker) -> str | None:
+    """The finished run that trained the teacher experiment ``spec`` (found by its config hash), if any."""
+    return tracker.finished_run_id(teacher_config(spec).hash())
+
+
+def find_or_train_teacher(spec: str, tracker, quiet: bool = False) -> str:
+    """The run id of the teacher experiment ``spec``: an earlier finished run, else one trained now."""
+    run_id = find_teacher_run(spec, tracker)
+    if run_id is not None:
+        return run_id
+    from harness.engine.progress import console, epoch_progress
+    from harness.engine.run import run_experiment
+
+    cfg = teacher_config(spec)
+    if not quiet:
+        console.print(
+            f"Training teacher [bold]{spec}[/bold] once for this and later runs "
+            f"(MLflow experiment '{TEACHER_EXPERIMENT}', config hash {cfg.hash()})"
+        )
+    with epoch_progress(cfg.train.epochs, f"teacher {cfg.name}", enabled=not quiet) as progress:
+        outcome = run_experiment(
+            cfg, tracker, experiment=TEACHER_EXPERIMENT, role="teacher", progress=progress
+        )
+    if outcome.state != "finished":
+        raise HarnessError(f"training teacher {spec} ended {outcome.state}; fix its recipe and run again")
+    return outcome.run_id
+
+
+def load_teacher(spec: str, tracker, device: torch.device, data: DataSplits):
+    """The frozen teacher model, a description of where it came from, and its training config."""
+    if is_checkpoint(spec):
+        model, payload = load_checkpoint(spec, device)
+        source = f"checkpoint {spec}"
+    else:
+        run_id = find_or_train_teacher(spec, tracker)
+        with tempfile.TemporaryDirectory() as tmp:
+            model, payload = load_checkpoint(tracker.download(run_id, CHECKPOINT_NAME, tmp), device)
+        source = f"run {run_id} ({spec})"
+    if payload["num_classes"] != data.num_classes or payload["in_channels"] != data.in_channels:
+        raise HarnessError(
+            f"teacher {spec} was trained for {payload['num_classes']} classes / {payload['in_channels']} input "
+            f"channels but the data has {data.num_classes} / {data.in_channels}; train the teacher on the same "
+            "dataset"
+        )
+    return model, source, payload["config"]
 
 
 def checkpoint_payload(model: nn.Module, cfg, data: DataSplits) -> dict:

@@ -4,69 +4,40 @@ from __future__ import annotations
 
 import time
 
-from harness.config import load_experiment
-from harness.experiment import TEACHER_EXPERIMENT, run_experiment
-from harness.progress import StudyDisplay, console
-from harness.study import TrialRunner, importances, open_study, optimize, summarize, used_budget
-from harness.study_config import StudyConfig, example_experiment
+from harness.engine.progress import console
+from harness.engine.teacher import find_or_train_teacher, is_checkpoint
+from harness.sweep.config import StudyConfig, example_experiment
+from harness.sweep.display import StudyDisplay
+from harness.sweep.optuna_study import TrialRunner, importances, open_study, optimize, summarize, used_budget
 from harness.tracking import Run, Tracker
 
 
 def ensure_teacher(study: StudyConfig, tracker: Tracker) -> None:
     """Train the study's teacher now if no earlier run has the same config, so trials never train it."""
-    cfg = example_experiment(study)
-    if not cfg.teacher or cfg.teacher.endswith((".pt", ".pth")):
-        return
-    teacher = load_experiment(cfg.teacher)
-    found = tracker.search(filter_string=f"tags.config_hash = '{teacher.hash()}' and tags.state = 'finished'")
-    if found:
-        return
-    console.print(
-        f"Training teacher [bold]{cfg.teacher}[/bold] once for this and later studies (MLflow experiment '{TEACHER_EXPERIMENT}')"
-    )
-    from harness.progress import epoch_progress
-
-    with epoch_progress(teacher.train.epochs, f"teacher {teacher.name}") as progress:
-        run_experiment(teacher, tracker, experiment=TEACHER_EXPERIMENT, role="teacher", progress=progress)
+    spec = example_experiment(study).teacher
+    if spec and not is_checkpoint(spec):
+        find_or_train_teacher(spec, tracker)
 
 
 def open_parent(tracker: Tracker, study: StudyConfig, storage: str | None, reopen: bool = True) -> Run:
     """The study's one parent run (created on first use, reused when the study is resumed or joined)."""
-    runs = tracker.search([study.name], filter_string="tags.role = 'study'")
-    if runs:
-        run = tracker.run(min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id)
-        if reopen:
-            run.reopen()
-        return run
-    run = tracker.start_run(
-        study.name,
-        f"study-{study.name}",
-        tags={
-            "role": "study",
-            "optuna.study": study.name,
-            "optuna.storage": _redact(storage) or "journal (default)",
-        },
-    )
-    # workers started together may each have created one: all keep the earliest and delete their own
-    first = min(
-        tracker.search([study.name], filter_string="tags.role = 'study'"),
-        key=lambda r: (r.info.start_time, r.info.run_id),
-    )
-    if first.info.run_id != run.id:
-        tracker.client.delete_run(run.id)
-        return tracker.run(first.info.run_id)
-    run.log_yaml(study.model_dump(mode="json"), "study.yaml")
-    run.log_params(
-        {
-            "objective": f"{study.objective.direction} {study.objective.metric}",
-            "sampler": study.sampler.name,
-            "pruner": study.pruner.name,
-            "seeds": study.seeds,
-            "budget.trials": study.budget.trials,
-            "experiment": study.experiment,
-            "teacher": study.teacher,
-        }
-    )
+    tags = {"optuna.storage": _redact(storage) or "journal (default)"}
+    run, created = tracker.parent_run(study.name, tags)
+    if created:
+        run.log_yaml(study.model_dump(mode="json"), "study.yaml")
+        run.log_params(
+            {
+                "objective": f"{study.objective.direction} {study.objective.metric}",
+                "sampler": study.sampler.name,
+                "pruner": study.pruner.name,
+                "seeds": study.seeds,
+                "budget.trials": study.budget.trials,
+                "experiment": study.experiment,
+                "teacher": study.teacher,
+            }
+        )
+    elif reopen:
+        run.reopen()
     return run
 
 

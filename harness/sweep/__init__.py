@@ -1,0 +1,1 @@
+"""Everything Optuna: study files, search space, sampler, pruner, storage, workers, live display."""

@@ -1,0 +1,80 @@
+"""Worker processes: several on this machine sharing one study, or one per GPU slot."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from harness.errors import HarnessError
+
+
+def gpu_slots(per_gpu: int = 1) -> list[str]:
+    """One CUDA_VISIBLE_DEVICES value per worker: each visible GPU ``per_gpu`` times; [] without CUDA."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        gpus = [g.strip() for g in visible.split(",") if g.strip() and g.strip() != "-1"]
+    else:
+        import torch
+
+        gpus = [str(i) for i in range(torch.cuda.device_count())]
+    return [g for g in gpus for _ in range(max(1, per_gpu))]
+
+
+def run_gpu_workers(args, slots: list[str]) -> int:
+    """One worker process per slot, each pinned to its GPU with CUDA_VISIBLE_DEVICES; waits for all of them."""
+    cmd = [sys.executable, "-m", "harness", "worker", "--study", args.study, "--per-gpu", "1", "--quiet"]
+    for flag, value in (
+        ("--storage", args.storage),
+        ("--tracking-uri", args.tracking_uri),
+        ("--trials", args.trials),
+        ("--timeout", args.timeout),
+        ("--heartbeat", args.heartbeat),
+    ):
+        if value is not None:
+            cmd += [flag, str(value)]
+    procs = []
+    for i, gpu in enumerate(slots):
+        index = [] if args.worker_index is None else ["--worker-index", str(args.worker_index * 100 + i)]
+        print(f"worker {i}: CUDA_VISIBLE_DEVICES={gpu}", flush=True)
+        procs.append(subprocess.Popen([*cmd, *index], env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu}))
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            p.send_signal(2)
+        for p in procs:
+            p.wait(timeout=60)
+        return 130
+    return 0 if all(c == 0 for c in codes) else 1
+
+
+def run_local_workers(study, tracker, parent, args) -> str:
+    """Several worker processes on this machine. With the local SQLite MLflow store they log through one
+    ``mlflow server`` process (SQLite does not take concurrent writers well)."""
+    from harness.sweep.driver import watch
+    from harness.tracking.server import local_server
+
+    with local_server(tracker.uri) as uri:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+        cmd = [sys.executable, "-m", "harness", "worker", "--study", args.study, "--quiet"]
+        for flag, value in (
+            ("--storage", args.storage),
+            ("--trials", study.budget.trials),
+            ("--timeout", study.budget.timeout),
+        ):
+            if value is not None:
+                cmd += [flag, str(value)]
+        procs = [subprocess.Popen([*cmd, "--worker-index", str(i)], env=env) for i in range(args.workers)]
+        try:
+            watch(study, args.storage, lambda: all(p.poll() is not None for p in procs), quiet=args.quiet)
+        except KeyboardInterrupt:
+            for p in procs:
+                p.send_signal(2)
+            for p in procs:
+                p.wait(timeout=60)
+            return "interrupted"
+        codes = [p.wait() for p in procs]
+    if any(c not in (0,) for c in codes):
+        raise HarnessError(f"worker exit codes {codes}; see their output above")
+    return "finished"
