@@ -58,8 +58,7 @@ class MGDKD(Distiller):
                     f"mgd: aligned student feature {tuple(a.shape)} does not match the teacher's {tuple(t.shape)}; re-run setup with the probed shapes"
                 )
             n, _, h, w = t.shape
-            keep = (
-                torch.rand(n, 1, h, w, device=t.device) <= 1 - self.cfg.mask_ratio
-            )  # paper: zero where rand > 1 - lambda
+            # the paper's draw: zero where rand > 1 - lambda
+            keep = torch.rand(n, 1, h, w, device=t.device) <= 1 - self.cfg.mask_ratio
             loss = loss + (self.generators[i](a * keep) - t).pow(2).mean()
         return {"mgd": loss}
