@@ -107,3 +107,48 @@ def test_class_count_mismatch_names_the_fix():
 def test_temperature_must_be_positive():
     with pytest.raises(ValueError):
         KD_METHODS.config_class("response")(temperature=0)
+
+
+# --------------------------------------------------------------------------- standardize (Sun et al. 2024)
+
+
+def zscore_loop(z):
+    """Each pixel's logits minus their mean, over their unbiased std + 1e-7 (the paper's code)."""
+    out = torch.empty_like(z)
+    n, k, h, w = z.shape
+    for i in range(n):
+        for y in range(h):
+            for x in range(w):
+                v = z[i, :, y, x]
+                m = v.sum() / k
+                sd = ((v - m) ** 2).sum().div(k - 1).sqrt()
+                out[i, :, y, x] = (v - m) / (sd + 1e-7)
+    return out
+
+
+def test_standardize_formula_and_default_off():
+    assert KD_METHODS.config_class("response")().standardize is False
+    s, t = rand(2, 5, 3, 4, seed=1), rand(2, 5, 3, 4, seed=2) * 4
+    out = build(standardize=True, temperature=2.0)(batch(s, t))["kd"]
+    torch.testing.assert_close(out, kl_loop(zscore_loop(s), zscore_loop(t), 2.0))
+
+
+def test_standardize_invariant_to_per_pixel_affine_student_logits():
+    s, t = rand(2, 5, 3, 3, seed=1), rand(2, 5, 3, 3, seed=2)
+    shift, scale = rand(2, 1, 3, 3, seed=3) * 5, rand(2, 1, 3, 3, seed=4).abs() * 3 + 0.2
+    d = build(standardize=True)
+    torch.testing.assert_close(
+        d(batch(s * scale + shift, t))["kd"], d(batch(s, t))["kd"], atol=1e-5, rtol=1e-4
+    )
+    plain = build()
+    assert not torch.allclose(plain(batch(s * scale + shift, t))["kd"], plain(batch(s, t))["kd"])
+
+
+def test_standardize_zero_at_affine_copy_of_teacher_and_gradients():
+    t = rand(2, 4, 3, 3, seed=2)
+    s = (3 * t + 1).requires_grad_(True)
+    d = build(standardize=True)
+    torch.testing.assert_close(d(batch(s, t))["kd"], torch.tensor(0.0), atol=1e-6, rtol=0)
+    s2, t2 = rand(2, 4, 3, 3, seed=1, grad=True), rand(2, 4, 3, 3, seed=2, grad=True)
+    d(batch(s2, t2))["kd"].backward()
+    assert s2.grad is not None and s2.grad.abs().sum() > 0 and t2.grad is None

@@ -6,6 +6,14 @@ KL is summed over classes at each pixel, then averaged over N*H*W pixels; for cl
 dims) that is the mean over the batch, so the same formula serves both tasks. The T^2 factor keeps the
 gradient scale independent of T. Where student and teacher logits differ in size, the student's are
 bilinearly resized to the teacher's (as in Knowledge Adaptation, seed 004).
+
+All pixels count, ignore-labelled ones (255) included: the teacher's distribution is defined there too, and
+the reference codebases (CIRKD, DIST) do not mask them either.
+
+``standardize: true`` (Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024) first
+z-scores each pixel's logits over the classes, z -> (z - mean) / (std + 1e-7) with torch's (unbiased) std
+as in the paper's code, for student and teacher alike; the student then matches the teacher's logit
+relations, not their range. The loss becomes invariant to a per-pixel shift and positive scale of either.
 """
 
 from __future__ import annotations
@@ -24,6 +32,12 @@ class ResponseConfig(KDConfigBase):
     knob_labels: ClassVar[dict[str, str]] = {**KDConfigBase.knob_labels, "temperature": "T"}
 
     temperature: float = Field(4.0, gt=0)
+    standardize: bool = Field(False, description="z-score each pixel's logits over the classes first")
+
+
+def zscore(logits, eps: float = 1e-7):
+    """Per pixel (or sample): mean 0 and std 1 over the class dimension 1."""
+    return (logits - logits.mean(dim=1, keepdim=True)) / (logits.std(dim=1, keepdim=True) + eps)
 
 
 def pixel_kl(student_logits, teacher_logits, temperature: float):
@@ -42,4 +56,6 @@ class ResponseKD(Distiller):
         require_same_classes(s, t, "response")
         if s.dim() == 4:
             s = match_spatial(s, t)
+        if self.cfg.standardize:
+            s, t = zscore(s), zscore(t)
         return {"kd": pixel_kl(s, t, self.cfg.temperature)}

@@ -1,0 +1,65 @@
+"""``dist``: DIST, relation matching from a stronger teacher (Huang et al., NeurIPS 2022), segmentation form.
+
+    p = softmax(z / tau) over the classes, at every pixel; rows are the M = N*H*W pixels, columns the K classes
+    inter = tau^2 * (1 - mean over the M pixels of pearson(p_s[m, :], p_t[m, :]))
+    intra = tau^2 * (1 - mean over the K classes of pearson(p_s[:, k], p_t[:, k]))
+
+The trainer adds them as beta_inter * inter + beta_intra * intra (``inter_weight``, ``intra_weight``, the
+paper's beta and gamma, 1 each) times ``kd.beta``. As in the paper's segmentation code (hunto/DIST_KD):
+tau 1, all pixels of the batch, ignore-labelled ones included (as ``response``), and eps 1e-8 in the
+correlation's denominator. Classification logits (N, K) give M = N rows. The student's logits are
+bilinearly resized to the teacher's. ``standardize: true`` z-scores each pixel's logits first, as in
+``response`` (Sun et al., CVPR 2024).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from harness.distill.base import KD_METHODS, Distiller, KDConfigBase, match_spatial, require_same_classes
+from harness.distill.response import zscore
+
+
+class DISTConfig(KDConfigBase):
+    method: Literal["dist"] = "dist"
+    tau: float = Field(1.0, gt=0, description="softmax temperature (the paper's segmentation setting: 1)")
+    inter_weight: float = Field(1.0, ge=0, description="the paper's beta: weight of the inter-class term")
+    intra_weight: float = Field(1.0, ge=0, description="the paper's gamma: weight of the intra-class term")
+    standardize: bool = Field(False, description="z-score each pixel's logits over the classes first")
+
+
+def mean_pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Mean over rows of the Pearson correlation between a[i, :] and b[i, :]."""
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)).mean()
+
+
+@KD_METHODS.register(DISTConfig)
+class DISTKD(Distiller):
+    uses_teacher_logits = True
+
+    def forward(self, batch):
+        s, t = batch.student_logits.float(), batch.teacher_logits.detach().float()
+        require_same_classes(s, t, "dist")
+        if s.dim() not in (2, 4) or s.dim() != t.dim():
+            raise ValueError(
+                f"dist: needs logits (N, K, H, W) or (N, K) of the same kind, got student {tuple(s.shape)} and teacher {tuple(t.shape)}"
+            )
+        if s.dim() == 4:
+            s = match_spatial(s, t)
+        if s.shape[0] != t.shape[0]:
+            raise ValueError(
+                f"dist: {s.shape[0]} student images but {t.shape[0]} teacher images; feed both the same batch"
+            )
+        if self.cfg.standardize:
+            s, t = zscore(s), zscore(t)
+        k, tau = t.shape[1], self.cfg.tau
+        p_s = torch.softmax(s / tau, dim=1).movedim(1, -1).reshape(-1, k)
+        p_t = torch.softmax(t / tau, dim=1).movedim(1, -1).reshape(-1, k)
+        return {
+            "inter": self.cfg.inter_weight * tau**2 * (1 - mean_pearson(p_s, p_t)),
+            "intra": self.cfg.intra_weight * tau**2 * (1 - mean_pearson(p_s.T, p_t.T)),
+        }
