@@ -14,7 +14,7 @@ bilinearly resized to the teacher's. ``standardize: true`` z-scores each pixel's
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -25,6 +25,9 @@ from harness.distill.response import zscore
 
 class DISTConfig(KDConfigBase):
     method: Literal["dist"] = "dist"
+    temperature_field: ClassVar[str | None] = "tau"
+    knob_labels: ClassVar[dict[str, str]] = {**KDConfigBase.knob_labels, "tau": "τ"}
+
     tau: float = Field(1.0, gt=0, description="softmax temperature (the paper's segmentation setting: 1)")
     inter_weight: float = Field(1.0, ge=0, description="the paper's beta: weight of the inter-class term")
     intra_weight: float = Field(1.0, ge=0, description="the paper's gamma: weight of the intra-class term")
