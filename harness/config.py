@@ -94,7 +94,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             f"{path}: file not found; check the path (experiments live in experiments/, studies in studies/)"
         )
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not a text file (byte {exc.start} is not UTF-8); give a YAML file saved as UTF-8"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

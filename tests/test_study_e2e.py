@@ -17,8 +17,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def study_file(tmp_path, tiny_experiment):
-    # GridSampler(seed=1) visits lr 0.05 (learns), then 1e30 (diverges), then 1e-12 (frozen at its
-    # initial weights: pruned against the first trial's curve by the median pruner).
+    # The grid runs in order: lr 0.05 (learns), 1e-12 (frozen at its initial weights: worse than the first
+    # trial on each of the four seeds, which the Wilcoxon pruner can call after the fourth), 1e30 (diverges).
     return write_yaml(
         tmp_path / "studies" / "e2e.yaml",
         {
@@ -26,8 +26,8 @@ def study_file(tmp_path, tiny_experiment):
             "objective": {"metric": "val/miou", "direction": "maximize"},
             "budget": {"trials": 3},
             "sampler": {"name": "grid", "seed": 1},
-            "pruner": {"name": "median", "warmup_epochs": 0, "startup_trials": 1},
-            "seeds": [0, 1],
+            "pruner": {"name": "wilcoxon"},
+            "seeds": [0, 1, 2, 3],
             "fixed": {"kd.method": "response", "kd.temperature": 2.0},
             "search": {"train.lr": {"choices": [0.05, 1.0e-12, 1.0e30]}},
         },
@@ -53,13 +53,13 @@ def test_study_end_to_end_with_resume(tmp_path, store, study_file):
         storage=optuna.storages.journal.JournalStorage(optuna.storages.journal.JournalFileBackend(journal)),
     )
     trials = sorted(study.get_trials(), key=lambda t: t.number)
-    assert [t.params["train.lr"] for t in trials] == [0.05, 1e30, 1e-12]
+    assert [t.params["train.lr"] for t in trials] == [0.05, 1e-12, 1e30]
     assert [t.state for t in trials] == [
         optuna.trial.TrialState.COMPLETE,
-        optuna.trial.TrialState.FAIL,
         optuna.trial.TrialState.PRUNED,
+        optuna.trial.TrialState.FAIL,
     ]
-    assert trials[1].user_attrs["state"] == "diverged"
+    assert trials[2].user_attrs["state"] == "diverged"
 
     client = MlflowClient(store)
     roles = runs_by_role(client, "e2e")
@@ -72,16 +72,16 @@ def test_study_end_to_end_with_resume(tmp_path, store, study_file):
     assert sorted(trial_runs) == [0, 1, 2]  # resuming did not train a trial twice
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trial_runs.values())
     status = {n: (r.info.status, r.data.tags["state"]) for n, r in trial_runs.items()}
-    assert status == {0: ("FINISHED", "finished"), 1: ("FAILED", "diverged"), 2: ("KILLED", "pruned")}
-    assert "diverged" in trial_runs[1].data.tags["failure"]
+    assert status == {0: ("FINISHED", "finished"), 1: ("KILLED", "pruned"), 2: ("FAILED", "diverged")}
+    assert "diverged" in trial_runs[2].data.tags["failure"]
     assert (
         trial_runs[0].data.params["train.lr"] == "0.05"
         and trial_runs[0].data.params["kd.method"] == "response"
     )
 
-    # the finished trial's metrics are the mean and spread of its two seed runs
+    # the finished trial's metrics are the mean and spread of its seed runs
     seeds = [r for r in roles["seed"] if r.data.tags["mlflow.parentRunId"] == trial_runs[0].info.run_id]
-    assert sorted(r.data.tags["seed"] for r in seeds) == ["0", "1"]
+    assert sorted(r.data.tags["seed"] for r in seeds) == ["0", "1", "2", "3"]
     per_seed = [r.data.metrics["val/miou"] for r in seeds]
     assert trial_runs[0].data.metrics["val/miou"] == pytest.approx(statistics.fmean(per_seed))
     assert trial_runs[0].data.metrics["val/miou_std"] == pytest.approx(statistics.stdev(per_seed))

@@ -86,10 +86,19 @@ BROKEN = {
         lambda s: {**s, "fixed": {"train.epochs": 0}},
         "train.epochs: Input should be greater than or equal to 1",
     ),
-    "pruning on a test metric": (
-        lambda s: {**s, "objective": {"metric": "test/miou"}, "pruner": {"name": "median"}},
-        "pruning reads the per-epoch validation metric",
+    "selecting on a test metric": (
+        lambda s: {**s, "objective": {"metric": "test/miou"}},
+        "test/miou is a test metric",
     ),
+    "constraint on a test metric": (
+        lambda s: {**s, "constraints": [{"metric": "test/miou", "min": 0.5}]},
+        "use val/miou",
+    ),
+    "epoch pruner with several seeds": (
+        lambda s: {**s, "pruner": {"name": "median"}, "seeds": [0, 1, 2]},
+        "use pruner: {name: wilcoxon}",
+    ),
+    "wilcoxon with one seed": (lambda s: {**s, "pruner": {"name": "wilcoxon"}}, "list at least 2 seeds"),
 }
 
 
@@ -125,6 +134,25 @@ def test_not_yaml_and_not_a_mapping(tmp_path, store, capsys):
     path.write_text("- a\n- b\n")
     assert main(["sweep", "--study", str(path), "--quiet"]) == 2
     assert "expected a mapping" in capsys.readouterr().err
+
+
+def test_a_study_file_that_is_not_text(tmp_path, store, capsys):
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(bytes(range(128, 256)) * 4)
+    assert main(["sweep", "--study", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {path}: not a text file") and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_a_grid_study_defaults_its_budget_to_the_grid_size(tmp_path, tiny_experiment):
+    from harness.sweep.config import load_study
+
+    study = good_study(tiny_experiment)
+    del study["budget"]
+    study["sampler"] = {"name": "grid"}
+    study["search"] = {"model.width": {"choices": [1, 2, 4]}, "train.lr": {"choices": [0.01, 0.1]}}
+    assert load_study(write_yaml(tmp_path / "grid.yaml", study)).budget.trials == 6
 
 
 def test_every_shipped_study_file_validates():

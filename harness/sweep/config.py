@@ -7,6 +7,7 @@ import itertools
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.config import (
@@ -28,7 +29,6 @@ FINAL_METRICS = (
     "train_ms_per_image",
     "best_epoch",
 )
-METRIC_PREFIXES = ("val/", "test/")
 
 
 class _Strict(BaseModel):
@@ -104,10 +104,13 @@ class Objective(_Strict):
     @field_validator("metric")
     @classmethod
     def _known(cls, v: str) -> str:
-        if not (v.startswith(METRIC_PREFIXES) or v in FINAL_METRICS):
+        if v.startswith("test/"):
             raise ValueError(
-                f"unknown metric {v!r}; use val/<metric>, test/<metric> or one of {list(FINAL_METRICS)}"
+                f"{v} is a test metric: the test split is kept for the final report, never for choosing "
+                f"configurations; use val/{v.removeprefix('test/')}"
             )
+        if not (v.startswith("val/") or v in FINAL_METRICS):
+            raise ValueError(f"unknown metric {v!r}; use val/<metric> or one of {list(FINAL_METRICS)}")
         return v
 
 
@@ -135,9 +138,13 @@ class Sampler(_Strict):
 
 
 class Pruner(_Strict):
-    name: Literal["none", "median", "hyperband"] = "none"
+    """``median`` and ``hyperband`` follow one seed's per-epoch validation curve; ``wilcoxon`` (several
+    seeds) judges a trial's per-seed values against the best trial's on the same seeds."""
+
+    name: Literal["none", "median", "hyperband", "wilcoxon"] = "none"
     warmup_epochs: int = Field(1, ge=0)
     startup_trials: int = Field(3, ge=0)
+    p_threshold: float = Field(0.1, gt=0, lt=1, description="wilcoxon: prune below this p-value")
 
 
 class Budget(_Strict):
@@ -189,11 +196,27 @@ class StudyConfig(_Strict):
                 raise ValueError(
                     f"the grid sampler needs plain choices for every parameter; {bad} are ranges or conditional"
                 )
-        if self.pruner.name != "none" and self.objective.metric.startswith("test/"):
+        per_epoch = self.pruner.name in ("median", "hyperband")
+        if per_epoch and len(self.seeds) > 1:
             raise ValueError(
-                "pruning reads the per-epoch validation metric; optimise a val/ metric or set pruner.name: none"
+                f"pruner {self.pruner.name} follows one seed's per-epoch curve but {len(self.seeds)} seeds are "
+                "listed; use pruner: {name: wilcoxon} (judges per-seed values) or one seed"
             )
+        if self.pruner.name == "wilcoxon" and len(self.seeds) < 2:
+            raise ValueError("pruner wilcoxon judges per-seed values; list at least 2 seeds or use median")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _grid_budget(cls, tree: Any) -> Any:
+        """A grid study's budget defaults to its number of points."""
+        if not isinstance(tree, dict):
+            return tree
+        sampler, search = tree.get("sampler") or {}, tree.get("search") or {}
+        if isinstance(sampler, dict) and sampler.get("name") == "grid" and "budget" not in tree:
+            sizes = [len(p.get("choices") or []) for p in search.values() if isinstance(p, dict)]
+            tree = {**tree, "budget": {"trials": max(1, int(np.prod(sizes)))}}
+        return tree
 
     def grid(self) -> dict[str, list[Any]]:
         return {k: list(p.choices) for k, p in self.search.items()}

@@ -8,7 +8,8 @@ from harness.engine.progress import console
 from harness.engine.teacher import find_or_train_teacher, is_checkpoint
 from harness.sweep.config import StudyConfig, example_experiment
 from harness.sweep.display import StudyDisplay
-from harness.sweep.optuna_study import TrialRunner, importances, open_study, optimize, summarize, used_budget
+from harness.sweep.optuna_study import importances, open_study, optimize, summarize, used_budget
+from harness.sweep.trial import TrialRunner, close_dead_runs
 from harness.tracking import Run, Tracker
 
 
@@ -72,6 +73,7 @@ def run_in_process(
                 trials=study.budget.trials,
                 timeout=study.budget.timeout,
                 callbacks=[lambda st, t: display.refresh()],
+                close_runs=close_dead_runs(tracker, study.name),
             )
         except KeyboardInterrupt:
             return "interrupted"

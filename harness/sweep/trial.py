@@ -1,0 +1,221 @@
+"""The objective: one sampled configuration trained once per seed, logged under the study's parent run.
+
+A trial's MLflow run (a child of the study's parent run) holds the sampled parameters and the mean and
+spread over seeds; each seed's training run is a child of the trial's run. While it runs, the trial holds a
+lease (``leases.py``) so that a worker that dies is noticed and its trial re-queued.
+
+Pruning: with one seed, the study's pruner (median, hyperband) follows that seed's per-epoch validation
+curve. With several seeds the seeds themselves are the pruning steps: after each seed, its final objective
+value is reported at step = seed and Optuna's Wilcoxon pruner compares the per-seed values with the best
+trial's on the same seeds, so a configuration is never pruned on one seed's curve.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+
+from harness.config import load_experiment
+from harness.data.base import QUALITY
+from harness.engine.run import run_experiment
+from harness.errors import HarnessError
+from harness.sweep.config import StudyConfig
+from harness.sweep.leases import Lease
+from harness.sweep.optuna_study import (
+    COUNTED_STATES,
+    SurplusTrial,
+    TrialDiverged,
+    TrialFailed,
+    is_enqueued,
+    trial_state,
+    used_budget,
+)
+from harness.tracking import Tracker
+
+
+def sample(trial: optuna.Trial, study: StudyConfig) -> dict[str, Any]:
+    values: dict[str, Any] = dict(study.fixed)
+    params: dict[str, Any] = {}
+    for key, p in study.search.items():
+        if not p.active(values):
+            continue
+        if p.kind == "categorical":
+            v = trial.suggest_categorical(key, p.choices)
+        elif p.kind == "int":
+            v = trial.suggest_int(key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+        else:
+            v = trial.suggest_float(key, float(p.low), float(p.high), step=p.step, log=p.log)
+        values[p.target(key)] = params[key] = v
+    return params
+
+
+def duplicate_of(trial: optuna.Trial, params: dict[str, Any], seeds: list[int]) -> int | None:
+    """An earlier trial with these parameters and seeds that finished (in any counted state) or is still
+    running, if there is one."""
+    for t in trial.study.get_trials(deepcopy=False):
+        if t.number == trial.number or t.params != params or t.user_attrs.get("seeds", seeds) != seeds:
+            continue
+        state = trial_state(t)
+        if state in COUNTED_STATES or (state == "running" and t.number < trial.number and t.datetime_start):
+            return t.number
+    return None
+
+
+def close_dead_runs(tracker: Tracker, study: str):
+    """A callback for lease recovery: end a dead trial's MLflow runs (trial and seeds) as KILLED."""
+
+    def close(number: int, why: str) -> None:
+        for run in tracker.open_trial_runs(study, number):
+            run.set_tags({"failure": why})
+            run.end("abandoned")
+
+    return close
+
+
+@dataclass
+class TrialRunner:
+    """The objective: trains one sampled configuration per seed and logs it under the study's parent run."""
+
+    study: StudyConfig
+    tracker: Tracker
+    parent_id: str
+    progress: Any = None
+    duplicate_streak: int = field(default=0, init=False)  # consecutive proposals of trained configurations
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        budget = self.study.budget.trials
+        if budget is not None and used_budget(trial.study, before=trial.number) >= budget:
+            self._skip(trial, "surplus")
+        if self.study.sampler.name == "grid" and not is_enqueued(trial):
+            self._skip(trial, "surplus")  # every grid point is enqueued once; this worker found none left
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        self._abandon_stale_runs(trial)
+        params = sample(trial, self.study)  # a retried trial gets its dead original's params back
+        base = load_experiment(self.study.experiment, self.study.overrides(params))
+        seeds = (
+            [base.train.seed] if "train.seed" in params else list(self.study.seeds)
+        )  # a searched seed wins
+        trial.set_user_attr("seeds", seeds)
+        earlier = duplicate_of(trial, params, seeds)
+        if earlier is not None:
+            self.duplicate_streak += 1
+            trial.set_user_attr("duplicate_of", earlier)
+            self._skip(trial, "duplicate")
+        self.duplicate_streak = 0
+        with Lease(trial):
+            return self._train(trial, params, base, seeds)
+
+    def _skip(self, trial: optuna.Trial, state: str):
+        trial.set_user_attr("state", state)
+        raise SurplusTrial(state)
+
+    def _train(self, trial: optuna.Trial, params: dict[str, Any], base, seeds: list[int]) -> float:
+        tags = {"optuna.study": self.study.name, "optuna.trial": trial.number}
+        run = self.tracker.start_run(
+            self.study.name,
+            f"trial-{trial.number}",
+            parent_id=self.parent_id,
+            tags={**tags, "role": "trial", "state": "running", "kd.method": base.kd.method},
+        )
+        run.log_params({**base.flat(), **{f"search.{k}": v for k, v in params.items()}, "seeds": seeds})
+        trial.set_user_attr("mlflow_run_id", run.id)
+        per_seed = self.study.pruner.name == "wilcoxon"
+        results, states = [], []
+        try:
+            for seed in seeds:
+                cfg = base.model_copy(update={"train": base.train.model_copy(update={"seed": seed})})
+                outcome = run_experiment(
+                    cfg,
+                    self.tracker,
+                    experiment=self.study.name,
+                    run_name=f"trial-{trial.number}-seed-{seed}",
+                    parent_id=run.id,
+                    tags={**tags, "seed": seed},
+                    role="seed",
+                    on_epoch=None if per_seed else self._epoch_reporter(trial),
+                    stop_states={optuna.TrialPruned: "pruned"},
+                    progress=self.progress,
+                )
+                states.append(outcome.state)
+                if outcome.state == "finished":
+                    results.append(outcome.metrics)
+                    if per_seed:
+                        self._report(trial, outcome.metrics.get(self.study.objective.metric), seed, "seed")
+        except optuna.TrialPruned:
+            trial.set_user_attr("state", "pruned")
+            run.end("pruned")
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("state", "interrupted")
+            run.end("interrupted")
+            raise
+        except Exception as exc:
+            trial.set_user_attr("state", "failed")
+            trial.set_user_attr("failure", f"{type(exc).__name__}: {exc}"[:500])
+            run.set_tags({"failure": f"{type(exc).__name__}: {exc}"[:500]})
+            run.end("failed")
+            raise TrialFailed(str(exc)) from exc
+        return self._conclude(trial, run, aggregate(results), states)
+
+    def _conclude(self, trial: optuna.Trial, run, summary: dict[str, float], states: list[str]) -> float:
+        run.log_metrics(summary)
+        if "diverged" in states:
+            trial.set_user_attr("state", "diverged")
+            run.set_tags({"failure": f"diverged in {states.count('diverged')} of {len(states)} seeds"})
+            run.end("diverged")
+            raise TrialDiverged()
+        wanted = [self.study.objective.metric, *(c.metric for c in self.study.constraints)]
+        missing = [m for m in wanted if m not in summary]
+        if missing:  # a study-level mistake (e.g. val/miou on a classification task): stop the study
+            trial.set_user_attr("state", "failed")
+            run.end("failed")
+            known = ", ".join(sorted(k for k in summary if not k.endswith("_std") and "/iou_" not in k))
+            raise HarnessError(
+                f"study {self.study.name}: metric {missing} is not logged for this task; use one of: {known}"
+            )
+        violations = [c.violation(summary[c.metric]) for c in self.study.constraints]
+        trial.set_user_attr("constraints", violations)
+        trial.set_user_attr("state", "finished")
+        shown = (*(f"{s}/{q}" for s in ("val", "test") for q in QUALITY.values()), "params", "ms_per_image")
+        for key in shown:
+            if key in summary:
+                trial.set_user_attr(key, summary[key])
+        run.set_tags({"feasible": all(v <= 0 for v in violations)})
+        run.end("finished")
+        return summary[self.study.objective.metric]
+
+    def _abandon_stale_runs(self, trial: optuna.Trial) -> None:
+        """A retry of a trial that Optuna's heartbeat (RDB storage) found stale: close the dead trial's MLflow
+        runs, which would otherwise read RUNNING forever, as 'abandoned'."""
+        stale = trial.storage.get_trial_system_attrs(trial._trial_id).get("retry_history") or []
+        close = close_dead_runs(self.tracker, self.study.name)
+        for number in stale:
+            close(number, f"worker died (heartbeat stale); retried as trial {trial.number}")
+
+    def _report(self, trial: optuna.Trial, value: float | None, step: int, unit: str) -> None:
+        if value is None or self.study.pruner.name == "none":
+            return
+        trial.report(value, step)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after {unit} {step}")
+
+    def _epoch_reporter(self, trial: optuna.Trial):
+        def report(epoch: int, metrics: dict[str, float]) -> None:
+            self._report(trial, metrics.get(self.study.objective.metric), epoch, "epoch")
+
+        return report
+
+
+def aggregate(results: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each final metric over seeds, with ``<metric>_std`` (0 for one seed) and ``n_seeds``."""
+    out: dict[str, float] = {"n_seeds": len(results)}
+    for key in results[0] if results else []:
+        values = [r[key] for r in results if key in r]
+        out[key] = statistics.fmean(values)
+        out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return out
