@@ -104,7 +104,7 @@ def describe_mismatch(state: dict[str, torch.Tensor], model_state: dict[str, tor
     """One clause per kind of mismatch, or None when ``state`` fits ``model_state`` exactly."""
     missing = [k for k in model_state if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in model_state]
-    shapes = [k for k in state if k in model_state and state[k].shape != model_state[k].shape]
+    shapes = [k for k in model_state if k in state and state[k].shape != model_state[k].shape]
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing key(s) (first: {missing[0]})")
