@@ -119,6 +119,7 @@ def hf_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("KD_HARNESS_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # timm's fallback cache
     return tmp_path / "hf"
 
 
@@ -168,3 +169,23 @@ def test_fitnet_and_attention_between_smp_models_on_default_taps():
         loss.backward()
         assert student.net.encoder.features[18][0].weight.grad.abs().sum() > 0
         student.zero_grad()
+
+
+def test_cached_timm_encoder_weights_are_read_from_the_cache_file(hf_cache):
+    import timm
+    from safetensors.torch import save_file
+
+    revision = "0" * 40
+    repo = hf_cache / "models--timm--resnet18.a1_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    torch.manual_seed(2)
+    reference = timm.create_model("resnet18")
+    save_file(reference.state_dict(), repo / "snapshots" / revision / "model.safetensors")
+    net = smp_model(in_channels=3, encoder="tu-resnet18.a1_in1k", encoder_weights="imagenet")
+    assert torch.equal(net.net.encoder.model.layer2[0].conv1.weight, reference.layer2[0].conv1.weight)
+    with pytest.raises(
+        HarnessError, match="timm/mobilenetv3_small_100.lamb_in1k not in the Hugging Face cache"
+    ):
+        smp_model(encoder="tu-mobilenetv3_small_100", encoder_weights="imagenet")
