@@ -1,5 +1,6 @@
 """Teachers from torchvision.models.segmentation, built untrained (no downloads: weights=None,
-weights_backbone=None) with no auxiliary head.
+weights_backbone=None) with no auxiliary head. ``model.weights: DEFAULT`` (or another torchvision weights
+name) loads torchvision's pretrained weights from the torch hub cache (harness/models/weights.py).
 
 The torchvision model is kept whole as ``net``; the wrapper's forward returns ``net(x)["out"]``, logits
 (N, classes, H, W) at the input's size, so the trainer sees a plain tensor like from every other model.
@@ -22,9 +23,15 @@ from harness.models.base import MODELS, ModelConfigBase
 
 
 class TorchvisionSegmentation(nn.Module):
-    def __init__(self, net: nn.Module, first_conv: str, kd_layers: list[str], in_channels: int):
+    def __init__(
+        self, net: nn.Module, first_conv: str, kd_layers: list[str], in_channels: int, name: str = ""
+    ):
         super().__init__()
         self.net = net
+        self.torchvision_name = (
+            name  # model.weights may name its torchvision weights (harness/models/weights.py)
+        )
+        self.first_conv = first_conv
         if in_channels != 3:
             replace_conv_inputs(self, first_conv, in_channels)
         self.kd_layers = list(kd_layers)
@@ -82,16 +89,20 @@ def _torchvision(name: str, num_classes: int) -> nn.Module:
 @MODELS.register(DeepLabV3ResNet50Config)
 def build_deeplabv3_resnet50(cfg, in_channels: int, num_classes: int) -> TorchvisionSegmentation:
     net = _torchvision("deeplabv3_resnet50", num_classes)
-    return TorchvisionSegmentation(net, "net.backbone.conv1", RESNET_LAYERS, in_channels)
+    return TorchvisionSegmentation(
+        net, "net.backbone.conv1", RESNET_LAYERS, in_channels, "deeplabv3_resnet50"
+    )
 
 
 @MODELS.register(FCNResNet50Config)
 def build_fcn_resnet50(cfg, in_channels: int, num_classes: int) -> TorchvisionSegmentation:
     net = _torchvision("fcn_resnet50", num_classes)
-    return TorchvisionSegmentation(net, "net.backbone.conv1", RESNET_LAYERS, in_channels)
+    return TorchvisionSegmentation(net, "net.backbone.conv1", RESNET_LAYERS, in_channels, "fcn_resnet50")
 
 
 @MODELS.register(DeepLabV3MobileNetV3LargeConfig)
 def build_deeplabv3_mobilenet_v3_large(cfg, in_channels: int, num_classes: int) -> TorchvisionSegmentation:
     net = _torchvision("deeplabv3_mobilenet_v3_large", num_classes)
-    return TorchvisionSegmentation(net, "net.backbone.0.0", MOBILENET_LAYERS, in_channels)
+    return TorchvisionSegmentation(
+        net, "net.backbone.0.0", MOBILENET_LAYERS, in_channels, "deeplabv3_mobilenet_v3_large"
+    )
