@@ -147,8 +147,8 @@ def check_one_finished_run_per_trial(study: optuna.Study, client: MlflowClient, 
 def test_waiting_worker_retries_a_dead_workers_trial(pg):
     """The last trial of the budget runs in a worker that died: the survivor neither starts surplus trials
     nor stops, but waits until the heartbeat marks the trial stale, then trains its re-queued copy."""
-    from harness.sweep.optuna_study import SurplusTrial, open_storage, optimize, sample, used_budget
     from harness.sweep.config import StudyConfig
+    from harness.sweep.optuna_study import SurplusTrial, open_storage, optimize, sample, used_budget
 
     cfg = StudyConfig.model_validate(
         {

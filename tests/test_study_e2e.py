@@ -17,13 +17,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def study_file(tmp_path, tiny_experiment):
-    # The grid runs in order: lr 0.05 (learns), 1e-12 (frozen at its initial weights: worse than the first
-    # trial on each of the four seeds, which the Wilcoxon pruner can call after the fourth), 1e30 (diverges).
+    # The grid runs in order: lr 0.05 (learns), 1e-12 (frozen at its initial weights: a higher validation
+    # loss than the first trial on each of the four seeds, which the Wilcoxon pruner can call after the
+    # fourth), 1e30 (diverges).
     return write_yaml(
         tmp_path / "studies" / "e2e.yaml",
         {
             "experiment": str(tiny_experiment),
-            "objective": {"metric": "val/miou", "direction": "maximize"},
+            "objective": {"metric": "val/loss", "direction": "minimize"},
             "budget": {"trials": 3},
             "sampler": {"name": "grid", "seed": 1},
             "pruner": {"name": "wilcoxon"},
@@ -82,9 +83,9 @@ def test_study_end_to_end_with_resume(tmp_path, store, study_file):
     # the finished trial's metrics are the mean and spread of its seed runs
     seeds = [r for r in roles["seed"] if r.data.tags["mlflow.parentRunId"] == trial_runs[0].info.run_id]
     assert sorted(r.data.tags["seed"] for r in seeds) == ["0", "1", "2", "3"]
-    per_seed = [r.data.metrics["val/miou"] for r in seeds]
-    assert trial_runs[0].data.metrics["val/miou"] == pytest.approx(statistics.fmean(per_seed))
-    assert trial_runs[0].data.metrics["val/miou_std"] == pytest.approx(statistics.stdev(per_seed))
+    per_seed = [r.data.metrics["val/loss"] for r in seeds]
+    assert trial_runs[0].data.metrics["val/loss"] == pytest.approx(statistics.fmean(per_seed))
+    assert trial_runs[0].data.metrics["val/loss_std"] == pytest.approx(statistics.stdev(per_seed))
     assert trials[0].value == pytest.approx(statistics.fmean(per_seed))
     for run in seeds:
         history = client.get_metric_history(run.info.run_id, "train/kd")

@@ -31,11 +31,26 @@ def journal_study(path, name: str) -> optuna.Study:
 
 
 def sweep_cmd(study, journal, *extra) -> list[str]:
-    return [sys.executable, "-m", "harness", "sweep", "--study", str(study), "--storage", str(journal), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "harness",
+        "sweep",
+        "--study",
+        str(study),
+        "--storage",
+        str(journal),
+        *extra,
+    ]
 
 
 def run_sweep(study, journal, store, *extra, timeout=300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "OMP_NUM_THREADS": "1", "HARNESS_JOURNAL_LOCK_GRACE": "3"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": store,
+        "OMP_NUM_THREADS": "1",
+        "HARNESS_JOURNAL_LOCK_GRACE": "3",
+    }
     proc = subprocess.run(
         sweep_cmd(study, journal, "--quiet", *extra), env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -71,10 +86,19 @@ def finished_params(study: optuna.Study) -> list[dict]:
 def test_a_worker_killed_mid_trial_is_recovered_on_the_next_start(tmp_path, store):
     exp = experiment(tmp_path, epochs=40)
     lr = {"low": 1.0e-3, "high": 1.0e-1, "log": True}
-    study = study_file(tmp_path, "killed", exp, budget={"trials": 3}, sampler={"name": "random"}, search={"train.lr": lr})
+    study = study_file(
+        tmp_path, "killed", exp, budget={"trials": 3}, sampler={"name": "random"}, search={"train.lr": lr}
+    )
     journal = tmp_path / "journal.log"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "OMP_NUM_THREADS": "1", "HARNESS_JOURNAL_LOCK_GRACE": "3"}
-    proc = subprocess.Popen(sweep_cmd(study, journal, "--quiet"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": store,
+        "OMP_NUM_THREADS": "1",
+        "HARNESS_JOURNAL_LOCK_GRACE": "3",
+    }
+    proc = subprocess.Popen(
+        sweep_cmd(study, journal, "--quiet"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     victim, deadline = None, time.time() + 180
     while victim is None and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
@@ -157,7 +181,9 @@ def test_a_grid_with_two_workers_trains_every_point_once(tmp_path, store):
 def test_a_restarted_seeded_study_draws_new_configurations(tmp_path, store):
     exp = experiment(tmp_path)
     search = {"train.lr": {"low": 1.0e-3, "high": 1.0e-1, "log": True}}
-    study = study_file(tmp_path, "restart", exp, budget={"trials": 2}, sampler={"name": "random", "seed": 0}, search=search)
+    study = study_file(
+        tmp_path, "restart", exp, budget={"trials": 2}, sampler={"name": "random", "seed": 0}, search=search
+    )
     journal = tmp_path / "journal.log"
     run_sweep(study, journal, store)
     run_sweep(study, journal, store, "--trials", "4")
@@ -173,9 +199,12 @@ def test_several_seeds_are_pruned_on_per_seed_values(tmp_path, store):
         "seeds",
         exp,
         sampler={"name": "grid"},
+        objective={"metric": "val/loss", "direction": "minimize"},
         pruner={"name": "wilcoxon"},
         seeds=seeds,
-        search={"train.lr": {"choices": [0.05, 1.0e-7]}},  # a sound configuration, then one that learns nothing
+        search={
+            "train.lr": {"choices": [0.05, 1.0e-7]}
+        },  # a sound configuration, then one that learns nothing
     )
     journal = tmp_path / "journal.log"
     run_sweep(study, journal, store)
@@ -184,13 +213,17 @@ def test_several_seeds_are_pruned_on_per_seed_values(tmp_path, store):
     # the Wilcoxon test can first reject after four seeds (one-sided exact p = 1/16 < 0.1)
     assert bad.state == TrialState.PRUNED and sorted(bad.intermediate_values) == seeds[:4]
     seed_runs = [
-        r for r in mlflow_runs(store, "seeds") if r.data.tags.get("role") == "seed" and r.data.tags["optuna.trial"] == "1"
+        r
+        for r in mlflow_runs(store, "seeds")
+        if r.data.tags.get("role") == "seed" and r.data.tags["optuna.trial"] == "1"
     ]
     assert sorted(int(r.data.tags["seed"]) for r in seed_runs) == seeds[:4]
 
 
 def lease_trial(lease=None, started=0.0):
-    return SimpleNamespace(user_attrs={"lease": lease} if lease else {}, datetime_start=datetime.fromtimestamp(started))
+    return SimpleNamespace(
+        user_attrs={"lease": lease} if lease else {}, datetime_start=datetime.fromtimestamp(started)
+    )
 
 
 def test_lease_death_rules(monkeypatch):
