@@ -121,7 +121,7 @@ def baseline_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) 
     for i, rec in enumerate(records):
         rec.update(_statistics(judged.get(i), gaps[i]))
     trial_col = "trial # KD / none"
-    columns = [c for c in records[0] if c != trial_col] + STAT_COLUMNS + [trial_col]
+    columns = [c for c in records[0] if c not in (*STAT_COLUMNS, trial_col)] + STAT_COLUMNS + [trial_col]
     out = pd.DataFrame(records, columns=columns)
     if keys:
         out = pd.concat([out.iloc[:, :1], keys_frame(kd_rows, keys), out.iloc[:, 1:]], axis=1)
@@ -144,12 +144,12 @@ def _teacher_text(study: StudyRuns, teacher_value: float, qlabel: str, out: pd.D
 def _note(results: list[tuple[str, Comparison]], qlabel: str, teacher_text: str) -> str:
     family = sum(c.verdict != TOO_FEW and np.isfinite(c.p_t) for _, c in results)
     parts = [
-        f"Difference = KD − none in {qlabel} over the seeds both ran (seed-paired), mean with a 95% "
+        f"Difference = KD − none in {qlabel} over the n seeds both ran (seed-paired), mean with a 95% "
         "t-interval (df = n − 1). p (paired t): two-sided paired t-test; p (sign-flip): exact permutation "
-        f"test over all 2^n sign patterns; p (Holm): the paired-t p adjusted with Holm–Bonferroni across the "
-        f"{family} row(s) of this table with at least {MIN_SEEDS} seeds. Verdict: better/worse when the Holm "
-        f"p is below 0.05, undecided otherwise, too few seeds below {MIN_SEEDS} paired seeds. The interval "
-        "is not adjusted for the number of rows, so it can exclude 0 while the row stays undecided.",
+        "test over all 2^n sign patterns; p (Holm): the paired-t p adjusted with Holm–Bonferroni across the "
+        f"rows of this table with at least {MIN_SEEDS} paired seeds ({family} here). Verdict: better/worse "
+        f"when the Holm p is below 0.05, undecided otherwise, too few seeds below {MIN_SEEDS} paired seeds. "
+        "The interval is not adjusted for the number of rows: it can exclude 0 while the row stays undecided.",
         f"Gap closed = difference / (teacher − none), its interval the difference's divided by the same "
         f"gap; {teacher_text}.",
     ]
@@ -157,8 +157,8 @@ def _note(results: list[tuple[str, Comparison]], qlabel: str, teacher_text: str)
     if small:
         floors = ", ".join(f"{2 / 2**n:.3g} at n = {n}" for n in small)
         parts.append(
-            f"With n ≤ 5 seeds the sign-flip p cannot reach 0.05 (its floor is 2/2^n: {floors}); "
-            "it can only from n = 6."
+            f"With n ≤ 5 seeds the sign-flip p cannot reach 0.05: its floor is 2/2^n ({floors} here); "
+            "from n = 6 it can."
         )
     flat = [m for m, c in results if c.zero_spread]
     if flat:
@@ -174,6 +174,10 @@ def _seeds_text(results: list[tuple[str, Comparison]]) -> str:
     return f"n={ns[0]} seeds" if len(ns) == 1 else f"n={ns[0]}–{ns[-1]} seeds"
 
 
+def _count(k: int, noun: str) -> str:
+    return f"{k} {noun}" if k == 1 else f"{k} {noun}s"
+
+
 def finding(results: list[tuple[str, Comparison]], qlabel: str) -> str:
     """One plain sentence from the verdicts: which KD methods differ from no KD beyond seed noise."""
     if not results:
@@ -187,7 +191,7 @@ def finding(results: list[tuple[str, Comparison]], qlabel: str) -> str:
             "list 5 or more seeds in the study (seeds: [0, 1, 2, 3, 4]) to test KD against no KD."
         )
     called = [(m, c) for m, c in judged if c.verdict in (BETTER, WORSE)]
-    how = f"({_seeds_text(judged)}; Holm-corrected paired t-tests over {len(judged)} method(s))"
+    how = f"({_seeds_text(judged)}; Holm-corrected paired t-tests over {_count(len(judged), 'method')})"
     if called:
         parts = [
             f"{m} is {c.verdict} than no KD: {number(c.mean, True)} [{number(c.low, True)}, "
@@ -196,11 +200,12 @@ def finding(results: list[tuple[str, Comparison]], qlabel: str) -> str:
         ]
         rest = len(judged) - len(called)
         if rest:
-            parts.append(f"the other {rest} do not differ from no KD beyond seed noise")
+            others = "the other method does" if rest == 1 else f"the other {rest} methods do"
+            parts.append(f"{others} not differ from no KD beyond seed noise")
         sentence = "; ".join(parts) + f" {how}."
     else:
         sentence = f"No KD method differs from training without KD beyond seed noise {how}."
     unjudged = len(results) - len(judged)
     if unjudged:
-        sentence += f" {unjudged} more have fewer than {MIN_SEEDS} seeds in common with the baseline."
+        sentence += f" {_count(unjudged, 'more method')} with fewer than {MIN_SEEDS} seeds in common with the baseline not judged."
     return sentence
