@@ -17,7 +17,10 @@ from scipy import stats as sps
 
 from harness.cli import main as harness_main
 from harness.report.__main__ import main as report_main
+from harness.report.across import summary_table
+from harness.report.build import StudyReport
 from harness.report.compare import finding
+from harness.report.load import StudyRuns
 from harness.report.markdown import md_table
 from harness.report.stats import TOO_FEW, compare_table, pareto_front
 from harness.tracking import Tracker
@@ -405,3 +408,16 @@ def test_finding_follows_the_holm_verdicts():
         "1 more method with fewer than 3 seeds in common with the baseline not judged."
     )
     assert finding(_rows({"cwd": [0.1, 0.2]}), "test mIoU").startswith("Too few seeds to tell")
+
+
+def test_summary_row_of_a_study_without_a_best_trial():
+    """No finished trial has the objective (e.g. it was never logged): the row says so, no AttributeError."""
+    trials = pd.DataFrame(
+        {"state": ["finished", "diverged"], "trial": [0, 1], "metrics.val/miou": [np.nan] * 2}
+    )
+    study = StudyRuns("x", None, trials, pd.DataFrame({"metrics.test/miou": []}))
+    (row,) = summary_table([StudyReport(study, pd.DataFrame(), [], [])]).frame.to_dict("records")
+    assert (
+        np.isnan(row["best trial"]) and np.isnan(row["best objective std"]) and row["its test metric"] == ""
+    )
+    assert row["trials finished"] == 1 and row["trials diverged"] == 1
