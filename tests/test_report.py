@@ -13,11 +13,16 @@ import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from scipy import stats as sps
 
 from harness.cli import main as harness_main
 from harness.report.__main__ import main as report_main
+from harness.report.across import summary_table
+from harness.report.build import StudyReport
+from harness.report.compare import finding
+from harness.report.load import StudyRuns
 from harness.report.markdown import md_table
-from harness.report.stats import bootstrap_difference, pareto_front
+from harness.report.stats import TOO_FEW, compare_table, pareto_front
 from harness.tracking import Tracker
 from tests.conftest import TINY_DATA, TINY_TRAIN, write_yaml
 
@@ -242,17 +247,21 @@ def test_baseline_difference_interval_and_finding(swept):
             s.data.tags["seed"]: s.data.metrics["test/miou"]
             for s in seed_runs(swept.client, "kdgrid", **{"kd.method": "none", "model.width": row["k"]})
         }
-        diff = statistics.fmean(kd[s] - none[s] for s in kd)
-        assert row["difference"] == pytest.approx(diff) and row["seeds paired"] == 2
-        assert row["difference CI low"] <= diff + 1e-12 and diff - 1e-12 <= row["difference CI high"]
-        includes_zero = row["difference CI low"] <= 0 <= row["difference CI high"]
-        assert row["significant"] == ("n.s." if includes_zero else "yes")
+        d = [kd[s] - none[s] for s in sorted(kd)]
+        assert row["difference"] == pytest.approx(statistics.fmean(d)) and row["seeds paired"] == 2
+        if len(set(d)) > 1:  # two seeds: a t-interval with df = 1, and the paired t-test's p
+            low, high = sps.t.interval(0.95, 1, loc=statistics.fmean(d), scale=sps.sem(d))
+            assert (row["difference CI low"], row["difference CI high"]) == pytest.approx((low, high))
+            assert row["p (paired t)"] == pytest.approx(sps.ttest_1samp(d, 0).pvalue)  # = paired t
+        assert row["p (sign-flip)"] == pytest.approx(0.5 if d[0] * d[1] > 0 else 1.0)
+        assert np.isnan(row["p (Holm)"]) and row["verdict"] == TOO_FEW  # below 3 seeds: no verdict
     readme = (swept.out / "kdgrid" / "README.md").read_text()
-    assert readme.startswith("# Study kdgrid\n\n**Finding: ")
-    if (table["significant"] == "n.s.").all():
-        assert "No KD method beat the no-KD baseline significantly" in readme
+    assert readme.startswith(
+        "# Study kdgrid\n\n**Finding: Too few seeds to tell: a verdict needs at least 3 seeds"
+    )
+    assert "the sign-flip p cannot reach 0.05" in readme
     cls = read(swept, "cls", "baseline")  # one seed: no interval, said plainly
-    assert cls["significant"].iloc[0] == "n.s. (too few seeds)"
+    assert cls["verdict"].iloc[0] == TOO_FEW and np.isnan(cls["difference CI low"].iloc[0])
     assert "Too few seeds to tell" in (swept.out / "cls" / "README.md").read_text()
 
 
@@ -371,16 +380,44 @@ def test_markdown_merges_mean_std_and_n():
     assert lines[3] == "| cwd\\|x | 0.2000 (n=1) | 2,349,141 | 0.5000 |"
 
 
-def test_bootstrap_and_pareto():
-    paired = bootstrap_difference({0: 0.5, 1: 0.6, 2: 0.7}, {0: 0.4, 1: 0.5, 2: 0.6})
-    assert paired.diff == pytest.approx(0.1) and paired.paired == 3
-    assert paired.low == pytest.approx(0.1) and paired.high == pytest.approx(0.1) and paired.significant
-    noisy = bootstrap_difference({0: 0.5, 1: 0.3, 2: 0.6}, {0: 0.4, 1: 0.5, 2: 0.45})
-    assert noisy.low < 0 < noisy.high and not noisy.significant
-    again = bootstrap_difference({0: 0.5, 1: 0.3, 2: 0.6}, {0: 0.4, 1: 0.5, 2: 0.45})
-    assert (again.low, again.high) == (noisy.low, noisy.high)  # the bootstrap's RNG is seeded
-    one = bootstrap_difference({0: 0.5}, {0: 0.4})
-    assert one.diff == pytest.approx(0.1) and not one.computable and not one.significant
-    unpaired = bootstrap_difference({0: 0.5, 1: 0.6}, {5: 0.1, 6: 0.2})
-    assert unpaired.paired == 0 and unpaired.significant
+def test_pareto():
     assert pareto_front([1, 2, 3, 3], [0.1, 0.3, 0.2, np.nan]).tolist() == [True, True, False, False]
+
+
+def _rows(spec: dict[str, list[float]]) -> list:
+    """(name, judged comparison) rows of one table from each method's seed-paired differences."""
+    pairs = [(dict(enumerate(d)), dict.fromkeys(range(len(d)), 0.0)) for d in spec.values()]
+    return list(zip(spec, compare_table(pairs)))
+
+
+def test_finding_follows_the_holm_verdicts():
+    readme_cwd = [0.0001, 0.0155, 0.0534]  # README's cwd - none: all positive, yet undecided
+    text = finding(_rows({"cwd": readme_cwd, "fitnet": [-0.02, -0.045, -0.005]}), "test mIoU")
+    assert text == (
+        "No KD method differs from training without KD beyond seed noise "
+        "(n=3 seeds; Holm-corrected paired t-tests over 2 methods)."
+    )
+    rows = _rows({"cwd": [0.05, 0.06, 0.04, 0.055, 0.045], "pairwise": [0.01, -0.02, 0.015, 0.0, -0.01]})
+    text = finding(rows, "test mIoU")
+    # mean 0.05, sd 0.0079, se 0.0035, t quantile at df = 4: 2.776 -> half-width 0.0098
+    assert text.startswith("cwd is better than no KD: +0.0500 [+0.0402, +0.0598] test mIoU, Holm p = 0.0003;")
+    assert "; the other method does not differ from no KD beyond seed noise (n=5 seeds;" in text
+    assert "pairwise" not in text
+    worse = finding(_rows({"fitnet": [-0.05, -0.06, -0.04, -0.055, -0.045], "x": [0.1, 0.2]}), "test mIoU")
+    assert worse.startswith("fitnet is worse than no KD: -0.0500") and worse.endswith(
+        "1 more method with fewer than 3 seeds in common with the baseline not judged."
+    )
+    assert finding(_rows({"cwd": [0.1, 0.2]}), "test mIoU").startswith("Too few seeds to tell")
+
+
+def test_summary_row_of_a_study_without_a_best_trial():
+    """No finished trial has the objective (e.g. it was never logged): the row says so, no AttributeError."""
+    trials = pd.DataFrame(
+        {"state": ["finished", "diverged"], "trial": [0, 1], "metrics.val/miou": [np.nan] * 2}
+    )
+    study = StudyRuns("x", None, trials, pd.DataFrame({"metrics.test/miou": []}))
+    (row,) = summary_table([StudyReport(study, pd.DataFrame(), [], [])]).frame.to_dict("records")
+    assert (
+        np.isnan(row["best trial"]) and np.isnan(row["best objective std"]) and row["its test metric"] == ""
+    )
+    assert row["trials finished"] == 1 and row["trials diverged"] == 1

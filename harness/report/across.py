@@ -25,7 +25,6 @@ def summary_table(reports: list[StudyReport]) -> Table:
             if obj.notna().any()
             else None
         )
-        q = s.quality
         rows.append(
             {
                 "study": s.name,
@@ -33,17 +32,8 @@ def summary_table(reports: list[StudyReport]) -> Table:
                 "objective": f"{s.direction} {s.objective}",
                 **{f"trials {k}": v for k, v in state_counts(s).items()},
                 "configurations": len(r.groups),
-                "best trial": int(best["trial"]) if best is not None else np.nan,
-                "best objective": best[f"metrics.{s.objective}"] if best is not None else np.nan,
-                "best objective std": best.get(f"metrics.{s.objective}_std", np.nan)
-                if best.get("metrics.n_seeds", 1) > 1
-                else np.nan
-                if best is not None
-                else np.nan,
-                "its test metric": f"{quality_label(s)} {best.get(f'metrics.{q}', np.nan):.4f}"
-                if best is not None
-                else "",
-                "teacher test metric": (s.teacher or {}).get("metrics", {}).get(q, np.nan),
+                **_best_fields(s, best),
+                "teacher test metric": (s.teacher or {}).get("metrics", {}).get(s.quality, np.nan),
                 "finding": r.finding or "",
             }
         )
@@ -53,6 +43,24 @@ def summary_table(reports: list[StudyReport]) -> Table:
         pd.DataFrame(rows),
         "One row per study; best = best finished trial on its objective (mean ± std over its seeds).",
     )
+
+
+def _best_fields(s, best: pd.Series | None) -> dict:
+    """The best trial's number, objective (with its std over seeds when it had several) and test metric."""
+    if best is None:
+        return {
+            "best trial": np.nan,
+            "best objective": np.nan,
+            "best objective std": np.nan,
+            "its test metric": "",
+        }
+    several = best.get("metrics.n_seeds", 1) > 1
+    return {
+        "best trial": int(best["trial"]),
+        "best objective": best[f"metrics.{s.objective}"],
+        "best objective std": best.get(f"metrics.{s.objective}_std", np.nan) if several else np.nan,
+        "its test metric": f"{quality_label(s)} {best.get(f'metrics.{s.quality}', np.nan):.4f}",
+    }
 
 
 def stacked(reports: list[StudyReport], name: str, title: str, note: str) -> Table | None:
@@ -81,8 +89,9 @@ def write_all(
                 reports,
                 "baseline",
                 "KD against the no-KD baseline, all studies",
-                "Each study's KD methods against its own no-KD baseline (same student, same seeds); n.s. = the 95% "
-                "bootstrap interval includes 0.",
+                "Each study's KD methods against its own no-KD baseline (same student, same seed-paired "
+                "differences): 95% t-interval, paired-t and sign-flip p, and a verdict from Holm-corrected "
+                "p-values within each study's own table (docs/reading-reports.md).",
             ),
             stacked(
                 reports,

@@ -2,8 +2,10 @@
 
 For each method row (best configuration per method and student, chosen on validation) the baseline is the
 best ``none`` configuration with the same ``model.*``, ``data.*`` and ``train.epochs``. The test metric's
-difference gets a 95% bootstrap interval over seeds (seed-paired when the seeds match); "n.s." marks an
-interval that includes 0. Gap closed = (KD - none) / (teacher - none), with the teacher's test metric.
+seed-paired difference gets a 95% t-interval, a paired-t p, an exact sign-flip p, a Holm-adjusted p across
+the table's rows and a verdict (``report/stats.py``; docs/reading-reports.md). Gap closed =
+(KD - none) / (teacher - none), with the teacher's test metric, and its interval is the difference's
+interval divided by the same gap.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import pandas as pd
 from harness.report.groups import _norm, best_per, student_keys
 from harness.report.load import StudyRuns
 from harness.report.markdown import Table, number
-from harness.report.stats import bootstrap_difference
-from harness.report.tables import keys_frame, quality_label
+from harness.report.stats import BETTER, MIN_SEEDS, TOO_FEW, WORSE, Comparison, adjust, compare
+from harness.report.tables import keys_frame, label, quality_label
 
 SAME_STUDENT = ("model.", "data.", "train.epochs")
+SIGN_FLIP_FLOOR_N = 6  # below this the exact sign-flip p cannot reach 0.05 (floor 2 / 2^n)
 
 
 def _student(row: pd.Series) -> tuple:
@@ -40,6 +43,62 @@ def _per_seed(seeds: pd.DataFrame, group: int, metric: str) -> dict[int, float]:
     return {int(s): float(v) for s, v in zip(runs["seed"], runs[col]) if pd.notna(s) and pd.notna(v)}
 
 
+def higher_is_better(metric: str) -> bool:
+    """The report's quality metrics are maximised (mIoU, accuracy); losses are minimised."""
+    return not metric.rsplit("/", 1)[-1].endswith("loss")
+
+
+def _row_name(row: pd.Series, keys: list[str]) -> str:
+    if not keys:
+        return str(row["method"])
+    values = ", ".join(f"{label(k)}={row['params.' + k]}" for k in keys)
+    return f"{row['method']} ({values})"
+
+
+def _baseline(nones: pd.DataFrame, row: pd.Series, study: StudyRuns) -> pd.Series | None:
+    student = _student(row)
+    same = nones[[_student(n) == student for _, n in nones.iterrows()]] if len(nones) else nones
+    base = best_per(same, [], study.objective, study.direction)
+    return base.iloc[0] if len(base) else None
+
+
+def _record(row: pd.Series, base: pd.Series | None, metric: str, qlabel: str) -> dict:
+    rec = {
+        "KD method": row["method"],
+        f"{qlabel} KD": row[metric],
+        f"{qlabel} KD std": row[f"{metric} std"],
+        f"{qlabel} KD n": row[f"{metric} n"],
+        f"{qlabel} none": np.nan if base is None else base[metric],
+        f"{qlabel} none std": np.nan if base is None else base[f"{metric} std"],
+        f"{qlabel} none n": np.nan if base is None else base[f"{metric} n"],
+    }
+    none_trials = "–" if base is None else ", ".join(map(str, base["trials"]))
+    rec["trial # KD / none"] = f"{', '.join(map(str, row['trials']))} / {none_trials}"
+    return rec
+
+
+def _statistics(c: Comparison | None, gap: float) -> dict:
+    if c is None:
+        return {"verdict": "no baseline: no `none` run with this student"}
+    scale = 100 / gap if gap > 0 else np.nan
+    return {
+        "difference": c.mean,
+        "difference CI low": c.low,
+        "difference CI high": c.high,
+        "seeds paired": c.n,
+        "p (paired t)": c.p_t,
+        "p (sign-flip)": c.p_sign,
+        "p (Holm)": c.p_holm,
+        "verdict": c.verdict,
+        "gap closed %": c.mean * scale,
+        "gap closed % CI low": c.low * scale,
+        "gap closed % CI high": c.high * scale,
+    }
+
+
+STAT_COLUMNS = list(_statistics(Comparison(0, 0, 0, *[np.nan] * 5), 1.0))
+
+
 def baseline_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) -> Table | None:
     metric, qlabel = study.quality, quality_label(study)
     keys = student_keys(groups)
@@ -49,95 +108,104 @@ def baseline_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) 
         return None
     nones = groups[(groups["method"] == "none") & (groups["seeds_finished"] > 0)]
     teacher_value = (study.teacher or {}).get("metrics", {}).get(metric, np.nan)
-    records, diffs = [], []
-    for _, row in kd_rows.iterrows():
-        student = _student(row)
-        same = nones[[_student(n) == student for _, n in nones.iterrows()]] if len(nones) else nones
-        base = best_per(same, [], study.objective, study.direction)
-        rec = {
-            "KD method": row["method"],
-            f"{qlabel} KD": row[metric],
-            f"{qlabel} KD std": row[f"{metric} std"],
-            f"{qlabel} KD n": row[f"{metric} n"],
-        }
-        if not len(base):
-            records.append(
-                {
-                    **rec,
-                    "significant": "no baseline: no `none` run with this student",
-                    "trial # KD / none": f"{', '.join(map(str, row['trials']))} / –",
-                }
+    records, gaps, compared = [], [], {}
+    for i, (_, row) in enumerate(kd_rows.iterrows()):
+        base = _baseline(nones, row, study)
+        records.append(_record(row, base, metric, qlabel))
+        gaps.append(np.nan if base is None else teacher_value - base[metric])
+        if base is not None:
+            compared[i] = compare(
+                _per_seed(seeds, row["group"], metric), _per_seed(seeds, base["group"], metric)
             )
-            continue
-        base = base.iloc[0]
-        d = bootstrap_difference(
-            _per_seed(seeds, row["group"], metric), _per_seed(seeds, base["group"], metric)
-        )
-        gap = teacher_value - base[metric]
-        rec.update(
-            {
-                f"{qlabel} none": base[metric],
-                f"{qlabel} none std": base[f"{metric} std"],
-                f"{qlabel} none n": base[f"{metric} n"],
-                "difference": d.diff,
-                "difference CI low": d.low,
-                "difference CI high": d.high,
-                "seeds paired": d.paired,
-                "significant": ("yes" if d.significant else "n.s.")
-                if d.computable
-                else "n.s. (too few seeds)",
-                "gap closed %": 100 * d.diff / gap if gap > 0 else np.nan,
-                "gap closed % CI low": 100 * d.low / gap if gap > 0 else np.nan,
-                "gap closed % CI high": 100 * d.high / gap if gap > 0 else np.nan,
-                "trial # KD / none": f"{', '.join(map(str, row['trials']))} / {', '.join(map(str, base['trials']))}",
-            }
-        )
-        records.append(rec)
-        diffs.append((row["method"], d))
-    columns = list(dict.fromkeys(k for rec in sorted(records, key=len, reverse=True) for k in rec))
+    judged = dict(zip(compared, adjust(list(compared.values()), higher_is_better(metric))))
+    for i, rec in enumerate(records):
+        rec.update(_statistics(judged.get(i), gaps[i]))
+    trial_col = "trial # KD / none"
+    columns = [c for c in records[0] if c not in (*STAT_COLUMNS, trial_col)] + STAT_COLUMNS + [trial_col]
     out = pd.DataFrame(records, columns=columns)
     if keys:
         out = pd.concat([out.iloc[:, :1], keys_frame(kd_rows, keys), out.iloc[:, 1:]], axis=1)
+    names = [_row_name(row, keys) for _, row in kd_rows.iterrows()]
+    results = [(names[i], c) for i, c in judged.items()]
+    note = _note(results, qlabel, _teacher_text(study, teacher_value, qlabel, out))
+    return Table("baseline", "KD against the no-KD baseline", out, note, [finding(results, qlabel)])
+
+
+def _teacher_text(study: StudyRuns, teacher_value: float, qlabel: str, out: pd.DataFrame) -> str:
     teacher = study.teacher
-    teacher_text = (
-        f"teacher {teacher['name']} {qlabel} {number(teacher_value)}"
-        if teacher and pd.notna(teacher_value)
-        else "no teacher run found, so no gap closed"
-    )
-    no_gap = "gap closed %" in out and (out["gap closed %"].isna() & out[f"{qlabel} none"].notna()).any()
-    if no_gap and pd.notna(teacher_value):
-        teacher_text += (
-            " (where gap closed is blank, the teacher is no better than the baseline: there is no gap)"
+    if not (teacher and pd.notna(teacher_value)):
+        return "no teacher run found, so no gap closed"
+    text = f"teacher {teacher['name']} {qlabel} {number(teacher_value)}"
+    if (out["gap closed %"].isna() & out[f"{qlabel} none"].notna()).any():
+        text += " (where gap closed is blank, the teacher is no better than the baseline: there is no gap)"
+    return text
+
+
+def _note(results: list[tuple[str, Comparison]], qlabel: str, teacher_text: str) -> str:
+    family = sum(c.verdict != TOO_FEW and np.isfinite(c.p_t) for _, c in results)
+    parts = [
+        f"Difference = KD − none in {qlabel} over the n seeds both ran (seed-paired), mean with a 95% "
+        "t-interval (df = n − 1). p (paired t): two-sided paired t-test; p (sign-flip): exact permutation "
+        "test over all 2^n sign patterns; p (Holm): the paired-t p adjusted with Holm–Bonferroni across the "
+        f"rows of this table with at least {MIN_SEEDS} paired seeds ({family} here). Verdict: better/worse "
+        f"when the Holm p is below 0.05, undecided otherwise, too few seeds below {MIN_SEEDS} paired seeds. "
+        "The interval is not adjusted for the number of rows: it can exclude 0 while the row stays undecided.",
+        f"Gap closed = difference / (teacher − none), its interval the difference's divided by the same "
+        f"gap; {teacher_text}.",
+    ]
+    small = sorted({c.n for _, c in results if 0 < c.n < SIGN_FLIP_FLOOR_N})
+    if small:
+        floors = ", ".join(f"{2 / 2**n:.3g} at n = {n}" for n in small)
+        parts.append(
+            f"With n ≤ 5 seeds the sign-flip p cannot reach 0.05: its floor is 2/2^n ({floors} here); "
+            "from n = 6 it can."
         )
-    note = (
-        f"Difference = KD − none in {qlabel}, mean over seeds, with a 95% bootstrap interval "
-        f"(10,000 resamples of seed-paired differences); n.s. = the interval includes 0. "
-        f"Gap closed = difference / (teacher − none); {teacher_text}."
-    )
-    return Table("baseline", "KD against the no-KD baseline", out, note, [finding(diffs, qlabel)])
+    flat = [m for m, c in results if c.zero_spread]
+    if flat:
+        parts.append(
+            f"{', '.join(flat)}: the same difference on every seed, so no t-test (zero spread) and the "
+            "verdict stays undecided; check that the seeds change the runs."
+        )
+    return " ".join(parts)
 
 
-def finding(diffs, qlabel: str) -> str:
-    """One plain sentence: did any KD method beat no KD, beyond seed-to-seed noise?"""
-    if not diffs:
+def _seeds_text(results: list[tuple[str, Comparison]]) -> str:
+    ns = sorted({c.n for _, c in results})
+    return f"n={ns[0]} seeds" if len(ns) == 1 else f"n={ns[0]}–{ns[-1]} seeds"
+
+
+def _count(k: int, noun: str) -> str:
+    return f"{k} {noun}" if k == 1 else f"{k} {noun}s"
+
+
+def finding(results: list[tuple[str, Comparison]], qlabel: str) -> str:
+    """One plain sentence from the verdicts: which KD methods differ from no KD beyond seed noise."""
+    if not results:
         return "No KD method has a no-KD baseline with the same student in this study, so none can be judged."
-    computable = [(m, d) for m, d in diffs if d.computable]
-    if not computable:
-        best_m, best_d = max(diffs, key=lambda md: md[1].diff if np.isfinite(md[1].diff) else -np.inf)
+    judged = [(m, c) for m, c in results if c.verdict != TOO_FEW]
+    if not judged:
+        m, c = max(results, key=lambda mc: mc[1].mean if np.isfinite(mc[1].mean) else -np.inf)
         return (
-            f"Too few seeds to tell: with one seed per configuration no interval can be computed "
-            f"(largest difference: {best_m} {number(best_d.diff, True)} {qlabel}); "
-            f"list several seeds in the study (seeds: [0, 1, 2]) to test KD against no KD."
+            f"Too few seeds to tell: a verdict needs at least {MIN_SEEDS} seeds shared with the baseline "
+            f"(largest difference: {m} {number(c.mean, True)} {qlabel}, n={c.n}); "
+            "list 5 or more seeds in the study (seeds: [0, 1, 2, 3, 4]) to test KD against no KD."
         )
-    better = [m for m, d in computable if d.significant and d.diff > 0]
-    worse = [m for m, d in computable if d.significant and d.diff < 0]
-    parts = []
-    if better:
-        parts.append(f"{', '.join(better)} beat the no-KD baseline significantly (95% interval above 0)")
-    elif worse:
-        parts.append("No KD method beat the no-KD baseline significantly")
+    called = [(m, c) for m, c in judged if c.verdict in (BETTER, WORSE)]
+    how = f"({_seeds_text(judged)}; Holm-corrected paired t-tests over {_count(len(judged), 'method')})"
+    if called:
+        parts = [
+            f"{m} is {c.verdict} than no KD: {number(c.mean, True)} [{number(c.low, True)}, "
+            f"{number(c.high, True)}] {qlabel}, Holm p = {number(c.p_holm)}"
+            for m, c in called
+        ]
+        rest = len(judged) - len(called)
+        if rest:
+            others = "the other method does" if rest == 1 else f"the other {rest} methods do"
+            parts.append(f"{others} not differ from no KD beyond seed noise")
+        sentence = "; ".join(parts) + f" {how}."
     else:
-        parts.append("No KD method beat the no-KD baseline significantly: every 95% interval includes 0")
-    if worse:
-        parts.append(f"{', '.join(worse)} did significantly worse than no KD")
-    return "; ".join(parts) + "."
+        sentence = f"No KD method differs from training without KD beyond seed noise {how}."
+    unjudged = len(results) - len(judged)
+    if unjudged:
+        sentence += f" {_count(unjudged, 'more method')} with fewer than {MIN_SEEDS} seeds in common with the baseline not judged."
+    return sentence

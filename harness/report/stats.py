@@ -1,65 +1,180 @@
-"""Small statistics: bootstrap intervals for a difference over seeds, and Pareto fronts."""
+"""Small statistics: seed-paired comparisons with verdicts whose error rates hold, and Pareto fronts.
+
+A comparison of two configurations uses the seeds both have: d = a[seed] - b[seed]. Per row: the mean of d,
+a 95% t-interval (df = n - 1), the two-sided paired-t p-value and an exact sign-flip permutation p-value.
+Across the rows of one table the paired-t p-values are adjusted with Holm's step-down method, and a row's
+verdict is ``better`` / ``worse`` when its adjusted p is below 0.05, ``undecided`` otherwise, and
+``too few seeds`` below 3 common seeds. docs/reading-reports.md explains how to read them.
+
+The functions work on arrays along the last axis (seeds for differences, rows for Holm), so the tests'
+calibration simulations run through the same code as the report.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
+from scipy import stats as sps
 
-RESAMPLES = 10_000
-RNG_SEED = 0
+ALPHA = 0.05
+LEVEL = 0.95
+MIN_SEEDS = 3
+BETTER, WORSE, UNDECIDED, TOO_FEW = "better", "worse", "undecided", "too few seeds"
+EXACT_SIGN_FLIP_MAX_N = 16  # 2^16 sign patterns; above that a seeded random sample of patterns
+SIGN_FLIP_SAMPLES = 100_000
+ZERO_SPREAD_RTOL = 1e-9  # float rounding of a - b is ~1e-16: below this the seeds agree exactly
 
 
-@dataclass
-class Difference:
-    """Mean of ``a - b`` with a percentile bootstrap interval; ``low``/``high`` are NaN when it can't be had."""
+@dataclass(frozen=True)
+class TSummary:
+    """Per-row results of :func:`t_summary` (arrays, or floats for one row)."""
 
-    diff: float
-    low: float
-    high: float
+    mean: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    p: np.ndarray
+    n: int
+
+
+def zero_spread(d: np.ndarray) -> np.ndarray:
+    """True where all differences are equal (up to float rounding): the t statistic is undefined there."""
+    d = np.asarray(d, float)
+    scale = np.maximum(np.abs(d).max(axis=-1), 1.0)
+    return np.ptp(d, axis=-1) <= ZERO_SPREAD_RTOL * scale
+
+
+def t_summary(d, level: float = LEVEL) -> TSummary:
+    """Mean, t-interval (df = n - 1) and two-sided one-sample t p-value of ``d`` along its last axis.
+
+    With fewer than 2 values, or with zero spread (identical differences on every seed: t = c / 0), the
+    interval and p are NaN: the data carry no estimate of seed noise, so no claim is made either way."""
+    d = np.asarray(d, float)
+    n = d.shape[-1]
+    mean = d.mean(axis=-1) if n else np.full(d.shape[:-1], np.nan)
+    nan = np.full(np.shape(mean), np.nan)
+    if n < 2:
+        return TSummary(mean, nan, nan.copy(), nan.copy(), n)
+    se = d.std(axis=-1, ddof=1) / np.sqrt(n)
+    flat = zero_spread(d)
+    se = np.where(flat, np.nan, se)
+    half = sps.t.ppf((1 + level) / 2, n - 1) * se
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = 2 * sps.t.sf(np.abs(mean / se), n - 1)
+    return TSummary(mean, mean - half, mean + half, p, n)
+
+
+def _sign_patterns(n: int) -> np.ndarray:
+    """All 2^n rows of +-1 (n <= EXACT_SIGN_FLIP_MAX_N), or a seeded sample led by the identity."""
+    if n <= EXACT_SIGN_FLIP_MAX_N:
+        bits = (np.arange(2**n)[:, None] >> np.arange(n)) & 1
+    else:
+        rng = np.random.default_rng(0)
+        bits = np.vstack([np.zeros((1, n), int), rng.integers(0, 2, (SIGN_FLIP_SAMPLES, n))])
+    return 1 - 2 * bits
+
+
+def sign_flip_p(d) -> np.ndarray:
+    """Two-sided sign-flip permutation p-value of mean(d) = 0 along the last axis: the share of sign
+    patterns whose |mean| is at least the observed one. Exact for n <= 16. Its floor is 2 / 2^n (the
+    observed pattern and its mirror), so below n = 6 it can never reach 0.05. NaN for no values."""
+    d = np.asarray(d, float)
+    n = d.shape[-1]
+    if n == 0:
+        return np.full(d.shape[:-1], np.nan)
+    flipped = np.abs(d @ _sign_patterns(n).T.astype(float))  # (..., patterns); pattern 0 is the identity
+    observed = flipped[..., :1]
+    scale = np.maximum(np.abs(d).sum(axis=-1, keepdims=True), 1.0)
+    return (flipped >= observed - 1e-12 * scale).mean(axis=-1)
+
+
+def holm(p) -> np.ndarray:
+    """Holm–Bonferroni adjusted p-values along the last axis (monotone in the raw p, capped at 1).
+
+    NaN entries are not hypotheses of the family: they stay NaN and do not count in m."""
+    p = np.asarray(p, float)
+    order = np.argsort(p, axis=-1)  # NaN sort last
+    ranked = np.take_along_axis(p, order, axis=-1)
+    m = np.isfinite(p).sum(axis=-1, keepdims=True)
+    factor = m - np.arange(p.shape[-1])
+    stepped = np.fmin(np.maximum.accumulate(np.where(np.isnan(ranked), -np.inf, ranked * factor), axis=-1), 1)
+    stepped = np.where(np.isnan(ranked), np.nan, stepped)
+    out = np.empty_like(stepped)
+    np.put_along_axis(out, order, stepped, axis=-1)
+    return out
+
+
+def verdicts(mean, p_holm, n, maximize: bool = True, alpha: float = ALPHA) -> np.ndarray:
+    """``better`` / ``worse`` where the Holm-adjusted p is below alpha (the sign of the mean difference,
+    read through ``maximize``), ``too few seeds`` where n < 3, else ``undecided``."""
+    mean, p_holm = np.asarray(mean, float), np.asarray(p_holm, float)
+    n = np.broadcast_to(np.asarray(n), mean.shape)
+    up = (mean > 0) if maximize else (mean < 0)
+    called = np.isfinite(p_holm) & (p_holm < alpha) & (n >= MIN_SEEDS)
+    out = np.where(called, np.where(up, BETTER, WORSE), UNDECIDED).astype(object)
+    out[n < MIN_SEEDS] = TOO_FEW
+    return out
+
+
+def judge(mean, p, n, maximize: bool = True, alpha: float = ALPHA) -> tuple[np.ndarray, np.ndarray]:
+    """Holm-adjusted p-values and verdicts for the rows of one table (last axis = rows). Rows with fewer
+    than 3 seeds or no p-value (zero spread) are left out of the family."""
+    p = np.asarray(p, float)
+    n = np.broadcast_to(np.asarray(n), p.shape)
+    adjusted = holm(np.where(n >= MIN_SEEDS, p, np.nan))
+    return adjusted, verdicts(mean, adjusted, n, maximize, alpha)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One row: a - b over the common seeds. ``p_holm`` and ``verdict`` depend on the whole table."""
+
+    n: int  # seeds both sides have
     n_a: int
     n_b: int
-    paired: int  # seeds both sides have (0: the groups were resampled independently)
+    mean: float
+    low: float
+    high: float
+    p_t: float
+    p_sign: float
+    p_holm: float = float("nan")  # filled in by adjust(): it depends on the other rows
+    verdict: str = ""
 
     @property
-    def computable(self) -> bool:
-        return bool(np.isfinite(self.low) and np.isfinite(self.high))
-
-    @property
-    def significant(self) -> bool:
-        """The interval excludes 0."""
-        return self.computable and (self.low > 0 or self.high < 0)
+    def zero_spread(self) -> bool:
+        """Enough seeds, but the same difference on each: no t-test (see :func:`t_summary`)."""
+        return self.n >= 2 and np.isfinite(self.mean) and not np.isfinite(self.p_t)
 
 
-def bootstrap_difference(
-    a: dict[int, float],
-    b: dict[int, float],
-    level: float = 0.95,
-    resamples: int = RESAMPLES,
-    seed: int = RNG_SEED,
-) -> Difference:
-    """Difference of means between seed -> value maps ``a`` and ``b``.
+def paired_differences(a: Mapping[int, float], b: Mapping[int, float]) -> np.ndarray:
+    """a[s] - b[s] over the seeds both maps have, in seed order."""
+    return np.array([a[s] - b[s] for s in sorted(set(a) & set(b))], float)
 
-    With two or more seeds in common the seed-paired differences are resampled (same student, same seed:
-    the pairing removes the seed's own luck); otherwise each side is resampled on its own when both have
-    at least two seeds. With fewer, the interval is undefined (NaN) rather than a made-up zero width."""
-    rng = np.random.default_rng(seed)
-    common = sorted(set(a) & set(b))
-    va, vb = np.array(list(a.values()), float), np.array(list(b.values()), float)
-    lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
-    nan = float("nan")
-    if len(common) >= 2:
-        d = np.array([a[s] - b[s] for s in common])
-        means = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)
-        low, high = np.percentile(means, [lo_q, hi_q])
-        return Difference(float(d.mean()), float(low), float(high), len(a), len(b), len(common))
-    diff = float(va.mean() - vb.mean()) if len(va) and len(vb) else nan
-    if len(va) >= 2 and len(vb) >= 2:
-        ma = va[rng.integers(0, len(va), size=(resamples, len(va)))].mean(axis=1)
-        mb = vb[rng.integers(0, len(vb), size=(resamples, len(vb)))].mean(axis=1)
-        low, high = np.percentile(ma - mb, [lo_q, hi_q])
-        return Difference(diff, float(low), float(high), len(a), len(b), 0)
-    return Difference(diff, nan, nan, len(a), len(b), len(common))
+
+def compare(a: Mapping[int, float], b: Mapping[int, float], level: float = LEVEL) -> Comparison:
+    """Seed-paired statistics of a - b for one row, before the table's Holm adjustment."""
+    d = paired_differences(a, b)
+    t = t_summary(d, level)
+    return Comparison(
+        len(d), len(a), len(b), float(t.mean), float(t.low), float(t.high), float(t.p), float(sign_flip_p(d))
+    )
+
+
+def compare_table(
+    pairs: Sequence[tuple[Mapping[int, float], Mapping[int, float]]], maximize: bool = True
+) -> list[Comparison]:
+    """:func:`compare` for each (a, b) row of one table, then Holm across the rows and a verdict each."""
+    rows = [compare(a, b) for a, b in pairs]
+    return adjust(rows, maximize)
+
+
+def adjust(rows: Sequence[Comparison], maximize: bool = True) -> list[Comparison]:
+    """The table's Holm-adjusted p-values and verdicts filled into its rows."""
+    if not rows:
+        return []
+    adjusted, verdict = judge([r.mean for r in rows], [r.p_t for r in rows], [r.n for r in rows], maximize)
+    return [replace(r, p_holm=float(q), verdict=str(v)) for r, q, v in zip(rows, adjusted, verdict)]
 
 
 def pareto_front(cost, quality, maximize: bool = True) -> np.ndarray:
