@@ -1,7 +1,7 @@
 """``python -m harness.report``: tables (markdown, CSV) and plots (PNG) from a study's MLflow runs.
 
 Modules, one job each: ``load`` (runs -> frames), ``groups`` (configurations pooled over seeds),
-``tables`` and ``compare`` (the tables; KD against the no-KD baseline), ``stats`` (bootstrap, Pareto
+``tables`` and ``compare`` (the tables; KD against the no-KD baseline), ``stats`` (paired t-intervals, Holm-corrected verdicts, Pareto
 front), ``plots``, ``markdown`` (table writer), ``build`` (one study's folder), ``across`` (all studies).
 """
 
