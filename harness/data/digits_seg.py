@@ -1,10 +1,17 @@
 """The embedded default: segmentation canvases composed from scikit-learn's UCI handwritten digits.
 
 Built the way M2NIST is: a few real digits, each scaled up and pasted without overlap on a blank canvas.
-Every pixel is labelled with its digit's class (background 0, digit d -> d + 1); the faint anti-aliased
-rim of each digit is labelled 255 (ignored), as VOC does with its object boundaries. The source digits of
-train, val and test are disjoint, so a test canvas never shows a digit image seen in training. The same
-config and seed always give the same tensors.
+Every ink pixel (intensity >= ``ink_threshold``) is labelled with its digit's class (background 0, digit
+d -> d + 1; with ``binary: true`` every digit is class 1, as seed 002's mitochondria against background).
+Faint anti-aliased pixels within ``boundary`` (0 or 1) pixels of the ink are labelled 255 (ignored), as VOC
+does with its object boundaries; everything else is background. The source digits of train, val and test
+are disjoint, so a test canvas never shows a digit image seen in training. The same config and seed always
+give the same tensors.
+
+Pixel shares of the default config (64x64, 1-3 digits, seed 0, the 1,000 training canvases), measured with
+``python -c "from harness.data.digits_seg import *; print(label_shares(DigitsSegConfig()))"``:
+background 85.0%, digit 11.7%, ignored 3.2% (with `boundary: 0`: 88.3%, 11.7%, 0%). The labels shipped
+before 2026-11-25 (digit above 0.5, ignored from 0.15) ignored 41% of the ink.
 """
 
 from __future__ import annotations
@@ -18,9 +25,6 @@ from pydantic import Field, model_validator
 
 from harness.data.base import DATA, IGNORE_INDEX, DataConfigBase, DataSplits, TensorSplit
 
-FOREGROUND_THRESHOLD = 0.5  # intensity above which a pixel belongs to the digit
-RIM_THRESHOLD = 0.15  # between this and FOREGROUND_THRESHOLD: anti-aliased rim, ignored
-
 
 class DigitsSegConfig(DataConfigBase):
     source: Literal["digits_seg"] = "digits_seg"
@@ -32,6 +36,11 @@ class DigitsSegConfig(DataConfigBase):
     val: int = Field(200, ge=1)
     test: int = Field(200, ge=1)
     seed: int = 0
+    ink_threshold: float = Field(
+        0.2, gt=0, lt=1, description="intensity from which a pixel is its digit's ink"
+    )
+    boundary: int = Field(1, ge=0, le=1, description="pixels of faint rim around the ink that are ignored")
+    binary: bool = Field(False, description="two classes: background and digit")
 
     @model_validator(mode="after")
     def _check(self):
@@ -81,10 +90,20 @@ def _compose(
             )[0, 0]
             glyph = glyph.clamp(0, 1)
             images[i, 0, r : r + side, c : c + side] = glyph
-            region = masks[i, r : r + side, c : c + side]
-            region[glyph > RIM_THRESHOLD] = IGNORE_INDEX
-            region[glyph > FOREGROUND_THRESHOLD] = int(labels[src]) + 1
+            label = 1 if cfg.binary else int(labels[src]) + 1
+            masks[i, r : r + side, c : c + side] = glyph_labels(glyph, label, cfg.ink_threshold, cfg.boundary)
     return images, masks
+
+
+def glyph_labels(glyph: torch.Tensor, label: int, ink_threshold: float, boundary: int) -> torch.Tensor:
+    """Labels of one pasted digit's square: ``label`` on its ink, 255 on faint pixels next to the ink
+    (``boundary`` = 1), 0 elsewhere."""
+    ink = glyph >= ink_threshold
+    out = torch.where(ink, label, 0)
+    if boundary:
+        near = F.max_pool2d(ink[None, None].float(), 2 * boundary + 1, stride=1, padding=boundary)[0, 0] > 0
+        out[near & ~ink & (glyph > 0)] = IGNORE_INDEX
+    return out
 
 
 def _free_spot(side: int, size: int, occupied, rng, tries: int = 50):
@@ -107,9 +126,11 @@ def load_digits_seg(cfg: DigitsSegConfig) -> DataSplits:
         train=splits[0],
         val=splits[1],
         test=splits[2],
-        num_classes=11,
+        num_classes=2 if cfg.binary else 11,
         in_channels=1,
-        class_names=["background"] + [f"digit {d}" for d in range(10)],
+        class_names=["background", "digit"]
+        if cfg.binary
+        else ["background"] + [f"digit {d}" for d in range(10)],
     )
 
 
@@ -117,3 +138,12 @@ def source_pools(cfg: DigitsSegConfig) -> list[np.ndarray]:
     """The source-digit indices behind each split (train, val, test), for checks and provenance."""
     rng = np.random.default_rng(cfg.seed)
     return _split_sources(len(_source_digits()[0]), [cfg.train, cfg.val, cfg.test], rng)
+
+
+def label_shares(cfg: DigitsSegConfig) -> dict[str, float]:
+    """Shares of background, digit and ignored pixels in the training split."""
+    y = load_digits_seg(cfg).train.targets
+    n = y.numel()
+    ignored = int((y == IGNORE_INDEX).sum())
+    background = int((y == 0).sum())
+    return {"background": background / n, "digit": (n - background - ignored) / n, "ignored": ignored / n}
