@@ -44,8 +44,8 @@ def main() -> None:
         )
     body = (
         "Batch 1, 64x64 input, eval mode, no autocast. The harness times 30 synchronised calls after 5 "
-        "warm-up calls and takes the median; torch.utils.benchmark (same thread count) runs blocked_autorange for 2 s. "
-        "Target: within 10%.\n\n"
+        "warm-up calls and takes the median; torch.utils.benchmark (same thread count) runs "
+        "blocked_autorange for 2 s. Target: within 10%.\n\n"
         + table(rows, ["k", "harness ms/image", "torch.utils.benchmark ms", "difference"])
     )
     write_section("5. ms/image against torch.utils.benchmark", body)

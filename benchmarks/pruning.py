@@ -88,9 +88,10 @@ def main() -> None:
     saved = 1 - rows[1]["epochs spent"] / rows[0]["epochs spent"]
     body = (
         f"{args.trials} trials, TPE (seed 0, 8 startup trials) over model.width {{2, 4, 8}} and train.lr "
-        "[1e-4, 3e-2] (log), no KD, 6 epochs a trial, 400 training canvases. Median pruner: 5 startup trials, "
-        f"1 warm-up epoch.\n\n{table(rows, ['pruner', 'trials', 'pruned', 'epochs spent', 'best val/miou', 'wall s'])}\n\n"
-        f"The pruner saved **{100 * saved:.0f}%** of the epochs."
+        "[1e-4, 3e-2] (log), no KD, 6 epochs a trial, 400 training canvases. Median pruner: 5 startup "
+        "trials, 1 warm-up epoch.\n\n"
+        + table(rows, ["pruner", "trials", "pruned", "epochs spent", "best val/miou", "wall s"])
+        + f"\n\nThe pruner saved **{100 * saved:.0f}%** of the epochs."
     )
     write_section("4. Pruning", body)
 

@@ -158,14 +158,17 @@ def main() -> None:
     body = (
         f"Response KD, teacher k=32 -> student k=8, digits_seg 64x64, {DATA['train']} training images, "
         f"{args.epochs} epochs, batch {args.batch_size}, seed 0. Images/s counts training images "
-        f"(epochs x 1,000) over the whole wall time of each.\n\n{table(rows, ['loop', 'wall s', 'images/s', 'speed-up'])}\n\n"
-        f"**Speed-up: {p_wall / first_wall:.2f}x for a study's first trial, {p_wall / later_wall:.2f}x for the others** "
+        "(epochs x 1,000) over the whole wall time of each.\n\n"
+        + table(rows, ["loop", "wall s", "images/s", "speed-up"])
+        + "\n\n**Speed-up: "
+        f"{p_wall / first_wall:.2f}x for a study's first trial, {p_wall / later_wall:.2f}x for the others** "
         "(target >= 3x).\n\n"
         f"**Overhead** of the first trial (wall time outside training and evaluation steps, over wall time): "
-        f"{100 * overhead:.1f}% ({h_wall - h_steps:.2f} s of {h_wall:.1f} s; target < 3%). Compute is the training "
-        "and validation steps, caching the teacher's outputs and the final test evaluation; the overhead is the "
-        "rest: building the model and KD method, MLflow logging, FLOP count, ms/image timing, checkpoint and "
-        "prediction PNG (the dataset is built once per process and reused, as in a study)."
+        f"{100 * overhead:.1f}% ({h_wall - h_steps:.2f} s of {h_wall:.1f} s; target < 3%). Compute is the "
+        "training and validation steps, caching the teacher's outputs and the final test evaluation; the "
+        "overhead is the rest: building the model and KD method, MLflow logging, FLOP count, ms/image "
+        "timing, checkpoint and prediction PNG (the dataset is built once per process and reused, as in "
+        "a study)."
     )
     write_section("1-2. Harness trial against a plain loop; overhead", body)
 

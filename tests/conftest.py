@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny real experiments (16x16 or 32x32 digit canvases, 2-channel UNets) and temporary stores."""
+"""Shared fixtures: tiny real experiments (16x16 or 32x32 digit canvases, 2-channel UNets)
+and temporary stores."""
 
 from __future__ import annotations
 

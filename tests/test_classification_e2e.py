@@ -43,8 +43,9 @@ def swept(tmp_path_factory):
             "model": {"name": "mlp", "hidden": [16], "input_size": 8},
             "train": TRAIN,
             "teacher": str(teacher),
-            # the kd block lives in the experiment, not in the study's `fixed`: sweep's ensure_teacher validates the
-            # experiment with the fixed keys alone, and `kd.method: combo` without a preset is incomplete
+            # the kd block lives in the experiment, not in the study's `fixed`: sweep's ensure_teacher
+            # validates the experiment with the fixed keys alone,
+            # and `kd.method: combo` without a preset is incomplete
             "kd": {"method": "combo", "preset": "triplet"},
         },
     )
@@ -103,7 +104,8 @@ def test_report_classification_table_has_a_row_per_preset(swept, tmp_path):
     assert {"test loss", "test loss std", "test accuracy", "test accuracy std"} <= set(frame.columns)
     labels = [" ".join(str(v) for v in row) for row in frame.iloc[:, :2].itertuples(index=False)]
     assert len(frame) == len(PRESETS) and all(any(p in text for text in labels) for p in PRESETS), (
-        f"one row per kd.preset expected (seed 003's rows), got {labels}; the report must tell combo presets apart"
+        f"one row per kd.preset expected (seed 003's rows), got {labels}; "
+        "the report must tell combo presets apart"
     )
     lines = (tmp_path / name / "classification.md").read_text().splitlines()
     rows = [line for line in lines if line.startswith("| ")][1:]  # the header, then one line per row

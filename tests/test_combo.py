@@ -322,7 +322,7 @@ def test_step_on_tiny_unets_with_prepare_delegated():
     assert isinstance(d.parts, nn.ModuleDict)
 
 
-# --------------------------------------------------------------------------- anchor / positive / negative sampler
+# ------------------------------------------------------------------- anchor / positive / negative sampler
 
 
 def test_sample_triplets_anchor_positive_share_a_class_negative_does_not():

@@ -131,7 +131,8 @@ def test_folder_binary_255_masks(tmp_path):
     )
     _, y = splits.train[0]
     assert set(y.unique().tolist()) == {0, 1}
-    # without the option 255 would be read as "ignore": allowed, but a 0/255 set with ignore_index 7 is an error
+    # without the option 255 would be read as "ignore": allowed,
+    # but a 0/255 set with ignore_index 7 is an error
     bad = load_data(
         cfg(
             "folder", root=str(tmp_path), num_classes=2, ignore_index=7, val_fraction=0.25, test_fraction=0.25
@@ -434,7 +435,10 @@ def test_cityscapes_loads_maps_labels_and_splits_sorted_val(tmp_path):
     splits = load_data(cfg("cityscapes", root=str(tmp_path), augment={"resize": None}))
     assert splits.sizes() == {"train": 2, "val": 2, "test": 2}
     assert (splits.num_classes, splits.in_channels, splits.ignore_index) == (19, 3, 255)
-    names = lambda split: [Path(split.base.images[j]).name.split("_leftImg8bit")[0] for j in split.indices]  # noqa: E731
+
+    def names(split):
+        return [Path(split.base.images[j]).name.split("_leftImg8bit")[0] for j in split.indices]
+
     assert names(splits.val) == ["frankfurt_000000_000000", "lindau_000000_000000"]
     assert names(splits.test) == ["frankfurt_000000_000001", "lindau_000000_000001"]
     x, y = splits.val[1]

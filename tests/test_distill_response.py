@@ -1,6 +1,7 @@
 """``response`` (pixel-wise Hinton KD): our one normalisation, pinned.
 
-    kd = T^2 * mean over the N*H*W pixels of sum over classes of p_t * (log p_t - log p_s),  p = softmax(z / T)
+    kd = T^2 * mean over the N*H*W pixels of sum over classes of p_t * (log p_t - log p_s),
+    p  = softmax(z / T)
 
 For classification logits (N, K) the mean runs over the N samples (mdistiller's form).
 """

@@ -164,7 +164,7 @@ def test_cached_torchvision_weights_load_with_head_and_input_adapted(tmp_path, c
     assert torch.allclose(got["net.backbone.0.0.weight"], ref["backbone.0.0.weight"].sum(1, keepdim=True))
     out = capsys.readouterr().out
     assert (
-        "trained for 21 classes, the data has 11: loaded everything but the final classifier conv net.classifier.4"
-        in out
+        "trained for 21 classes, the data has 11: "
+        "loaded everything but the final classifier conv net.classifier.4" in out
     )
     assert "adapted net.backbone.0.0 from 3 to 1 input channels" in out

@@ -33,7 +33,10 @@ LAYOUT = (
     "expected ROOT/leftImg8bit/{train,val}/<city>/*_leftImg8bit.png and "
     "ROOT/gtFine/{train,val}/<city>/*_gtFine_labelIds.png"
 )
-FIX = "set data.root to the folder holding leftImg8bit and gtFine (unzip leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip there)"
+FIX = (
+    "set data.root to the folder holding leftImg8bit and gtFine "
+    "(unzip leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip there)"
+)
 
 
 class CityscapesAugmentConfig(AugmentConfig):
@@ -78,7 +81,8 @@ def check_cityscapes_layout(root: Path, splits: tuple[str, ...] = ("train", "val
         stray = [p.name for p in images_dir.iterdir() if not p.is_dir()]
         if stray:
             raise DataError(
-                f"{images_dir}: holds files ({', '.join(stray[:3])}) beside the city folders; {LAYOUT}; move them out"
+                f"{images_dir}: holds files ({', '.join(stray[:3])}) beside the city folders; {LAYOUT}; "
+                "move them out"
             )
         if not cities:
             raise DataError(f"{images_dir}: no city folders; {LAYOUT}; {FIX}")

@@ -52,7 +52,8 @@ class FolderConfig(DataConfigBase):
         lists = [self.train_list, self.val_list, self.test_list]
         if any(x is not None for x in lists) and not all(x is not None for x in lists):
             raise ValueError(
-                "give all three of train_list, val_list, test_list, or none (then val_fraction/test_fraction split)"
+                "give all three of train_list, val_list, test_list, "
+                "or none (then val_fraction/test_fraction split)"
             )
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must be < 1 to leave images for training")
@@ -69,7 +70,10 @@ class FolderConfig(DataConfigBase):
         return self
 
 
-LAYOUT = "expected ROOT/{images}/<stem>.png|jpg|tif and ROOT/{masks}/<stem>.png|tif (class-index masks, same stems)"
+LAYOUT = (
+    "expected ROOT/{images}/<stem>.png|jpg|tif and ROOT/{masks}/<stem>.png|tif "
+    "(class-index masks, same stems)"
+)
 
 
 def _index(folder: Path, what: str, cfg: FolderConfig) -> dict[str, Path]:
@@ -96,7 +100,8 @@ def _read_list(root: Path, name: str, key: str) -> list[str]:
     path = root / name
     if not path.is_file():
         raise DataError(
-            f"{path}: {key} file not found; it lists one image stem per line, relative to data.root; fix data.{key}"
+            f"{path}: {key} file not found; it lists one image stem per line, relative to data.root; "
+            f"fix data.{key}"
         )
     stems = []
     for line in path.read_text().splitlines():
@@ -110,7 +115,8 @@ def _read_list(root: Path, name: str, key: str) -> list[str]:
 
 
 class FolderPairs(Dataset):
-    """(PIL image, mask array) for each (image path, mask path), with the mask checked against the label space."""
+    """(PIL image, mask array) for each (image path, mask path),
+    with the mask checked against the label space."""
 
     def __init__(self, pairs: list[tuple[Path, Path]], cfg: FolderConfig):
         self.pairs = pairs
@@ -130,8 +136,8 @@ class FolderPairs(Dataset):
             mask = np.array(m)
         if mask.ndim != 2:
             raise DataError(
-                f"{mask_path}: mask has {mask.shape[-1]} channels; masks must be single-channel class-index images "
-                "(save as 8-bit grayscale or palette PNG)"
+                f"{mask_path}: mask has {mask.shape[-1]} channels; masks must be single-channel class-index "
+                "images (save as 8-bit grayscale or palette PNG)"
             )
         if mask.shape != (image.height, image.width):
             raise DataError(
@@ -161,8 +167,9 @@ def _check_sizes(pairs: list[tuple[Path, Path]]) -> None:
             first = (image_path, size)
         elif size != first[1]:
             raise DataError(
-                f"{image_path}: image is {size[0]}x{size[1]} but {first[0].name} is {first[1][0]}x{first[1][1]}; "
-                "batches need one size: set data.augment.resize or data.augment.crop"
+                f"{image_path}: image is {size[0]}x{size[1]} but {first[0].name} is "
+                f"{first[1][0]}x{first[1][1]}; batches need one size: set data.augment.resize or "
+                "data.augment.crop"
             )
 
 
@@ -188,8 +195,8 @@ def load_folder(cfg: FolderConfig) -> DataSplits:
             missing = [s for s in stems if s not in images]
             if missing:
                 raise DataError(
-                    f"{root / getattr(cfg, key)}: lists {len(missing)} stems with no image in {root / cfg.images} "
-                    f"(e.g. {', '.join(missing[:3])}); fix the list or add the images"
+                    f"{root / getattr(cfg, key)}: lists {len(missing)} stems with no image in "
+                    f"{root / cfg.images} (e.g. {', '.join(missing[:3])}); fix the list or add the images"
                 )
             split_stems.append(stems)
     else:
@@ -199,7 +206,8 @@ def load_folder(cfg: FolderConfig) -> DataSplits:
         n_test = max(1, round(n * cfg.test_fraction))
         if n - n_val - n_test < 1:
             raise DataError(
-                f"{root / cfg.images}: {n} images cannot fill train, val and test; add images or give list files"
+                f"{root / cfg.images}: {n} images cannot fill train, val and test; "
+                "add images or give list files"
             )
         order = np.random.default_rng(cfg.seed).permutation(n)
         shuffled = [stems[i] for i in order]

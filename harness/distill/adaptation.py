@@ -141,7 +141,8 @@ class AdaptationKD(Distiller):
     def forward(self, batch: KDBatch):
         if not self._ready:
             raise ValueError(
-                "adaptation: the autoencoder is untrained; call distiller.prepare(teacher_batches, device) before training"
+                "adaptation: the autoencoder is untrained; "
+                "call distiller.prepare(teacher_batches, device) before training"
             )
         ((s, t),) = feature_pairs(self, batch)
         code = F.normalize(self.autoencoder.encode(t), dim=1)

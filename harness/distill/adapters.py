@@ -51,7 +51,8 @@ def pair_shapes(
         for name, shapes, who in ((s, student_shapes, "student"), (t, teacher_shapes, "teacher")):
             if name not in shapes:
                 raise ValueError(
-                    f"{method}: no probed shape for {who} layer '{name}' (have {sorted(shapes)}); probe the layers choose_layers picked"
+                    f"{method}: no probed shape for {who} layer '{name}' (have {sorted(shapes)}); "
+                    "probe the layers choose_layers picked"
                 )
         if len(student_shapes[s]) != len(teacher_shapes[t]):
             raise ValueError(
@@ -60,8 +61,9 @@ def pair_shapes(
             )
         if maps and len(student_shapes[s]) != 4:
             raise ValueError(
-                f"{method}: needs feature maps (N, C, H, W) but layer '{s}' gives {tuple(student_shapes[s])}; "
-                "choose convolutional layers in kd.student_layers / kd.teacher_layers"
+                f"{method}: needs feature maps (N, C, H, W) but layer '{s}' gives "
+                f"{tuple(student_shapes[s])}; choose convolutional layers in kd.student_layers / "
+                "kd.teacher_layers"
             )
         pairs.append((torch.Size(student_shapes[s]), torch.Size(teacher_shapes[t])))
     return pairs
@@ -89,16 +91,19 @@ def feature_pairs(
         ):
             if x is None:
                 raise ValueError(
-                    f"{method}: the batch has no {who} feature '{name}' (has {sorted(have)}); tap the layers choose_layers picked"
+                    f"{method}: the batch has no {who} feature '{name}' (has {sorted(have)}); "
+                    "tap the layers choose_layers picked"
                 )
         if spatial and (s.dim() != 4 or t.dim() != 4):
             raise ValueError(
-                f"{method}: needs feature maps (N, C, H, W) but got student '{s_name}' {tuple(s.shape)} and teacher "
-                f"'{t_name}' {tuple(t.shape)}; choose convolutional layers in kd.student_layers / kd.teacher_layers"
+                f"{method}: needs feature maps (N, C, H, W) but got student '{s_name}' {tuple(s.shape)} and "
+                f"teacher '{t_name}' {tuple(t.shape)}; choose convolutional layers in kd.student_layers / "
+                "kd.teacher_layers"
             )
         if s.shape[0] != t.shape[0] or s.dim() != t.dim():
             raise ValueError(
-                f"{method}: student feature {tuple(s.shape)} and teacher feature {tuple(t.shape)} do not pair up; feed both models the same batch and tap layers of the same kind"
+                f"{method}: student feature {tuple(s.shape)} and teacher feature {tuple(t.shape)} do not "
+                "pair up; feed both models the same batch and tap layers of the same kind"
             )
         pairs.append((s.float(), t.detach().float()))
     return pairs
@@ -109,7 +114,8 @@ def adapted_pairs(d: Distiller, batch: KDBatch, adapters: nn.ModuleList | None, 
     pairs = feature_pairs(d, batch, spatial)
     if adapters is None or len(adapters) != len(pairs):
         raise ValueError(
-            f"{d.cfg.method}: adapters not built for these layers; call setup(student_shapes, teacher_shapes) after choose_layers"
+            f"{d.cfg.method}: adapters not built for these layers; "
+            "call setup(student_shapes, teacher_shapes) after choose_layers"
         )
     return [(a, s, t) for a, (s, t) in zip(adapters, pairs, strict=True)]
 
@@ -139,7 +145,8 @@ class EmbeddingKDConfig(FeatureKDConfig):
     def _check_source(self):
         if self.source == "logits" and (self.student_layers or self.teacher_layers):
             raise ValueError(
-                f"{self.method}: source 'logits' taps no layers; drop student_layers/teacher_layers or set source: features"
+                f"{self.method}: source 'logits' taps no layers; "
+                "drop student_layers/teacher_layers or set source: features"
             )
         return self
 
@@ -156,7 +163,8 @@ def choose_embedding_source(d: Distiller, student_defaults: list[str], teacher_d
     Distiller.choose_layers(d, student_defaults, teacher_defaults)
     if not d.student_layers:
         raise ValueError(
-            f"{cfg.method}: source 'features' but the models name no kd_layers; set kd.student_layers and kd.teacher_layers, or kd.source: logits"
+            f"{cfg.method}: source 'features' but the models name no kd_layers; "
+            "set kd.student_layers and kd.teacher_layers, or kd.source: logits"
         )
 
 
@@ -168,7 +176,8 @@ def embeddings(d: Distiller, batch: KDBatch) -> list[tuple[torch.Tensor, torch.T
         s, t = batch.student_logits.float(), batch.teacher_logits.detach().float()
         if s.shape[0] != t.shape[0]:
             raise ValueError(
-                f"{d.cfg.method}: {s.shape[0]} student samples but {t.shape[0]} teacher samples; feed both the same batch"
+                f"{d.cfg.method}: {s.shape[0]} student samples but {t.shape[0]} teacher samples; "
+                "feed both the same batch"
             )
         return [(global_pool(s), global_pool(t))]
     return [(global_pool(s), global_pool(t)) for s, t in feature_pairs(d, batch, spatial=False)]

@@ -141,7 +141,8 @@ class Distiller(nn.Module):
     def prepare(
         self, teacher_batches: Callable[[], Iterable[KDBatch]], device: torch.device
     ) -> dict[str, float]:
-        """Train frozen helpers on the teacher's outputs before the student's training; return metrics to log."""
+        """Train frozen helpers on the teacher's outputs before the student's training;
+        return metrics to log."""
         return {}
 
     def extra_parameters(self) -> int:
@@ -161,8 +162,8 @@ def match_spatial(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def require_same_classes(student_logits: torch.Tensor, teacher_logits: torch.Tensor, method: str) -> None:
     if student_logits.shape[1] != teacher_logits.shape[1]:
         raise ValueError(
-            f"{method}: student predicts {student_logits.shape[1]} classes but the teacher {teacher_logits.shape[1]}; "
-            "train the teacher on the same dataset"
+            f"{method}: student predicts {student_logits.shape[1]} classes but the teacher "
+            f"{teacher_logits.shape[1]}; train the teacher on the same dataset"
         )
 
 

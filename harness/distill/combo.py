@@ -87,16 +87,17 @@ class ComboConfig(KDConfigBase):
             if extra:
                 have = sorted(chosen) or "no KD method"
                 raise _fail(
-                    f"kd.methods.{extra[0]}: not part of preset '{self.preset}' (which has {have}); drop it, or drop "
-                    "kd.preset and list every method under kd.methods"
+                    f"kd.methods.{extra[0]}: not part of preset '{self.preset}' (which has {have}); drop it, "
+                    "or drop kd.preset and list every method under kd.methods"
                 )
             for name, sub in given.items():
                 chosen[name].update(sub)
             given = chosen
         elif not given:
             raise _fail(
-                "kd.methods: combo needs at least one method, e.g. methods: {triplet: {source: logits}, response: {}}; "
-                f"or set kd.preset to one of {list(PRESETS)}"
+                "kd.methods: combo needs at least one method, e.g. methods: "
+                "{triplet: {source: logits}, response: {}}; or set kd.preset to one of "
+                f"{list(PRESETS)}"
             )
         resolved, configs = {}, {}
         for name, sub in given.items():
@@ -104,7 +105,8 @@ class ComboConfig(KDConfigBase):
                 raise _fail("kd.methods.combo: a combo cannot hold another combo; list its methods directly")
             if name == "none":
                 raise _fail(
-                    "kd.methods.none: 'none' adds no KD term; leave it out (kd.alpha weighs the hard-label CE)"
+                    "kd.methods.none: 'none' adds no KD term; "
+                    "leave it out (kd.alpha weighs the hard-label CE)"
                 )
             if name not in KD_METHODS.names():
                 known = [m for m in KD_METHODS.names() if m not in ("combo", "none")]
@@ -116,8 +118,8 @@ class ComboConfig(KDConfigBase):
             misplaced = [k for k in COMBO_ONLY if k in sub]
             if misplaced:
                 raise _fail(
-                    f"kd.methods.{name}.{misplaced[0]}: not used inside a combo; set kd.{misplaced[0]} on the combo "
-                    f"(kd.methods.{name}.beta weighs {name} within it)"
+                    f"kd.methods.{name}.{misplaced[0]}: not used inside a combo; set kd.{misplaced[0]} on "
+                    f"the combo (kd.methods.{name}.beta weighs {name} within it)"
                 )
             try:
                 cfg = KD_METHODS.config_class(name).model_validate({**sub, "method": name})

@@ -32,7 +32,8 @@ class CWDConfig(FeatureKDConfig):
     def _check_source(self):
         if self.source == "logits" and (self.student_layers or self.teacher_layers):
             raise ValueError(
-                "cwd: source 'logits' taps no layers; drop student_layers/teacher_layers or set source: features"
+                "cwd: source 'logits' taps no layers; "
+                "drop student_layers/teacher_layers or set source: features"
             )
         return self
 
@@ -65,7 +66,8 @@ class CWDKD(Distiller):
             require_same_classes(s, t, "cwd")
             if s.dim() != 4:
                 raise ValueError(
-                    f"cwd: needs spatial logits (N, K, H, W), got {tuple(s.shape)}; for classification use kd.method: response"
+                    f"cwd: needs spatial logits (N, K, H, W), got {tuple(s.shape)}; "
+                    "for classification use kd.method: response"
                 )
             return {"cwd": channel_wise_kl(match_spatial(s, t), t, self.cfg.tau)}
         loss = 0.0

@@ -1,6 +1,7 @@
 """``dist``: DIST, relation matching from a stronger teacher (Huang et al., NeurIPS 2022), segmentation form.
 
-    p = softmax(z / tau) over the classes, at every pixel; rows are the M = N*H*W pixels, columns the K classes
+    p = softmax(z / tau) over the classes, at every pixel; rows are the M = N*H*W pixels,
+        columns the K classes
     inter = tau^2 * (1 - mean over the M pixels of pearson(p_s[m, :], p_t[m, :]))
     intra = tau^2 * (1 - mean over the K classes of pearson(p_s[:, k], p_t[:, k]))
 
@@ -49,7 +50,8 @@ class DISTKD(Distiller):
         require_same_classes(s, t, "dist")
         if s.dim() not in (2, 4) or s.dim() != t.dim():
             raise ValueError(
-                f"dist: needs logits (N, K, H, W) or (N, K) of the same kind, got student {tuple(s.shape)} and teacher {tuple(t.shape)}"
+                f"dist: needs logits (N, K, H, W) or (N, K) of the same kind, got student {tuple(s.shape)} "
+                f"and teacher {tuple(t.shape)}"
             )
         if s.dim() == 4:
             s = match_spatial(s, t)

@@ -39,7 +39,8 @@ class FitNetKD(Distiller):
             s = match_spatial(s, t) if s.dim() == 4 else s
             if s.shape != t.shape:
                 raise ValueError(
-                    f"fitnet: regressed student feature {tuple(s.shape)} does not match the teacher's {tuple(t.shape)}; re-run setup with the probed shapes"
+                    f"fitnet: regressed student feature {tuple(s.shape)} does not match the teacher's "
+                    f"{tuple(t.shape)}; re-run setup with the probed shapes"
                 )
             loss = loss + F.mse_loss(s, t)
         return {"hint": loss}

@@ -1,9 +1,9 @@
 """``mgd``: masked generative distillation (Yang et al., ECCV 2022), as in the paper's segmentation code.
 
-    a   = A(s), bilinearly resized to t's size    A = 1x1 conv to the teacher's channels, only when they differ
+    a   = A(s), bilinearly resized to t's size   A = 1x1 conv to the teacher's channels, only when they differ
     m   = 0 at each spatial position with probability lambda (0.75), else 1; one draw per image and position,
           shared by the channels, fresh at every call (torch's global RNG, which the trainer seeds)
-    mgd = sum over layer pairs of mean( (G(a * m) - t)^2 ),   G = conv3x3 -> ReLU -> conv3x3 (teacher channels)
+    mgd = sum over layer pairs of mean( (G(a * m) - t)^2 ),  G = conv3x3 -> ReLU -> conv3x3 (teacher channels)
 
 Normalisation: the paper sums the squared error and divides by the batch size N, alpha 2e-5 (Cityscapes,
 2048 x 64 x 64 teacher features). alpha * sum / N = (alpha * C*H*W) * mean, so we keep the per-element mean
@@ -55,7 +55,8 @@ class MGDKD(Distiller):
             a = match_spatial(align(s), t)
             if a.shape != t.shape:
                 raise ValueError(
-                    f"mgd: aligned student feature {tuple(a.shape)} does not match the teacher's {tuple(t.shape)}; re-run setup with the probed shapes"
+                    f"mgd: aligned student feature {tuple(a.shape)} does not match the teacher's "
+                    f"{tuple(t.shape)}; re-run setup with the probed shapes"
                 )
             n, _, h, w = t.shape
             # the paper's draw: zero where rand > 1 - lambda

@@ -113,11 +113,13 @@ class TripletKD(Distiller):
         adapters = [nn.Identity()] if self.uses_teacher_logits else getattr(self, "adapters", None)
         if adapters is None or len(adapters) != len(pairs):
             raise ValueError(
-                "triplet: adapters not built for these layers; call setup(student_shapes, teacher_shapes) after choose_layers"
+                "triplet: adapters not built for these layers; "
+                "call setup(student_shapes, teacher_shapes) after choose_layers"
             )
         if len(batch.targets) != len(pairs[0][0]):
             raise ValueError(
-                f"triplet: {len(batch.targets)} targets for {len(pairs[0][0])} samples; pass the batch's targets"
+                f"triplet: {len(batch.targets)} targets for {len(pairs[0][0])} samples; "
+                "pass the batch's targets"
             )
         neg = sample_negatives(batch.targets, None, batch.ignore_index, self.cfg.background_class)
         keep = neg >= 0
@@ -126,8 +128,9 @@ class TripletKD(Distiller):
             s = adapter(s)
             if s.shape != t.shape:
                 raise ValueError(
-                    f"triplet: student embedding {tuple(s.shape)} vs teacher {tuple(t.shape)}; with source logits the "
-                    "student and teacher must predict the same classes, with features run setup on the probed shapes"
+                    f"triplet: student embedding {tuple(s.shape)} vs teacher {tuple(t.shape)}; with source "
+                    "logits the student and teacher must predict the same classes, with features run setup "
+                    "on the probed shapes"
                 )
             pos = (t - s).pow(2).sum(1)
             far = (t - s[neg.clamp(min=0)]).pow(2).sum(1)

@@ -62,7 +62,8 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] % self.min_size or x.shape[-2] % self.min_size:
             raise ValueError(
-                f"UNet of depth {len(self.down) + 1} needs H and W divisible by {self.min_size}, got {tuple(x.shape[-2:])}"
+                f"UNet of depth {len(self.down) + 1} needs H and W divisible by {self.min_size}, got "
+                f"{tuple(x.shape[-2:])}"
             )
         skips = []
         for block in self.down:

@@ -194,13 +194,14 @@ class StudyConfig(_Strict):
             bad = [k for k, p in self.search.items() if p.choices is None or p.when]
             if bad:
                 raise ValueError(
-                    f"the grid sampler needs plain choices for every parameter; {bad} are ranges or conditional"
+                    "the grid sampler needs plain choices for every parameter; "
+                    f"{bad} are ranges or conditional"
                 )
         per_epoch = self.pruner.name in ("median", "hyperband")
         if per_epoch and len(self.seeds) > 1:
             raise ValueError(
-                f"pruner {self.pruner.name} follows one seed's per-epoch curve but {len(self.seeds)} seeds are "
-                "listed; use pruner: {name: wilcoxon} (judges per-seed values) or one seed"
+                f"pruner {self.pruner.name} follows one seed's per-epoch curve but {len(self.seeds)} seeds "
+                "are listed; use pruner: {name: wilcoxon} (judges per-seed values) or one seed"
             )
         if self.pruner.name == "wilcoxon" and len(self.seeds) < 2:
             raise ValueError("pruner wilcoxon judges per-seed values; list at least 2 seeds or use median")

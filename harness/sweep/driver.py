@@ -61,7 +61,8 @@ def run_in_process(
     heartbeat: int | None = None,
     worker: int = 0,
 ) -> str:
-    """Run trials here until the budget is spent. Returns 'spent', 'finished' (timeout or grid done) or 'interrupted'."""
+    """Run trials here until the budget is spent.
+    Returns 'spent', 'finished' (timeout or grid done) or 'interrupted'."""
     optuna_study = open_study(study, storage, heartbeat, worker)
     with StudyDisplay(study, optuna_study, enabled=not quiet) as display:
         runner = TrialRunner(study, tracker, parent.id, progress=display.epoch)
@@ -116,9 +117,11 @@ def finish_parent(
     console.print(f"[green]study {study.name}[/green]: {line}")
     if best:
         console.print(
-            f"best trial {best['number']}: {study.objective.metric} = {best['value']:.4f} with {best['params']}"
+            f"best trial {best['number']}: "
+            f"{study.objective.metric} = {best['value']:.4f} with {best['params']}"
         )
     console.print(
-        f"runs: MLflow experiment '{study.name}' in {tracker.uri} (make ui); tables: python -m harness.report --study {study.name}"
+        f"runs: MLflow experiment '{study.name}' in {tracker.uri} (make ui); tables: "
+        f"python -m harness.report --study {study.name}"
     )
     return 0

@@ -203,7 +203,8 @@ def optimize(
     callbacks=(),
     close_runs: Callable[[int, str], None] | None = None,
 ) -> None:
-    """Run trials here one at a time until the budget is spent, the timeout passes, or (grid) no point is left.
+    """Run trials here one at a time until the budget is spent, the timeout passes,
+    or (grid) no point is left.
 
     Before each trial, trials whose worker died are failed and re-queued (``leases.recover_dead_trials``;
     Optuna's heartbeats too on RDB storage). While the rest of the budget runs in other workers this worker

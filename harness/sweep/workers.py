@@ -22,7 +22,8 @@ def gpu_slots(per_gpu: int = 1) -> list[str]:
 
 
 def run_gpu_workers(args, slots: list[str]) -> int:
-    """One worker process per slot, each pinned to its GPU with CUDA_VISIBLE_DEVICES; waits for all of them."""
+    """One worker process per slot, each pinned to its GPU with CUDA_VISIBLE_DEVICES;
+    waits for all of them."""
     cmd = [sys.executable, "-m", "harness", "worker", "--study", args.study, "--per-gpu", "1", "--quiet"]
     for flag, value in (
         ("--storage", args.storage),

@@ -27,12 +27,15 @@ from pathlib import Path
 from harness.errors import HarnessError
 
 USER = "harness"
-INSTALL_HINT = "install it with: apt-get install -y postgresql (or set PG_BINDIR to the folder holding initdb and pg_ctl)"
+INSTALL_HINT = (
+    "install it with: apt-get install -y postgresql "
+    "(or set PG_BINDIR to the folder holding initdb and pg_ctl)"
+)
 
 
 def sqlalchemy_url(url: str) -> str:
-    """``postgresql://`` as users write it, with the driver we install named: SQLAlchemy 2.1 (used by Optuna and
-    MLflow) otherwise looks for psycopg 3, and our environment has psycopg2."""
+    """``postgresql://`` as users write it, with the driver we install named: SQLAlchemy 2.1 (used by
+    Optuna and MLflow) otherwise looks for psycopg 3, and our environment has psycopg2."""
     for scheme in ("postgresql://", "postgres://"):
         if url.startswith(scheme):
             try:
@@ -79,7 +82,8 @@ def _run_as() -> tuple[list[str], pwd.struct_passwd | None]:
             return ["runuser", "-u", name, "--"], account
         return ["su", name, "-s", "/bin/sh", "-c", '"$0" "$@"'], account
     raise HarnessError(
-        "PostgreSQL refuses to run as root and there is no 'postgres' user; create one (adduser --system postgres)"
+        "PostgreSQL refuses to run as root and there is no 'postgres' user; "
+        "create one (adduser --system postgres)"
     )
 
 
@@ -190,7 +194,8 @@ class PostgresServer:
 
 @contextlib.contextmanager
 def throwaway(databases: tuple[str, ...] = ("optuna", "mlflow"), port: int | None = None):
-    """A fresh server in a temporary folder on a free loopback port, with ``databases`` created; removed afterwards."""
+    """A fresh server in a temporary folder on a free loopback port, with ``databases`` created;
+    removed afterwards."""
     tmp = Path(tempfile.mkdtemp(prefix="harness-pg-"))
     server = PostgresServer(tmp, port=port, durable=False)
     try:

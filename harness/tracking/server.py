@@ -1,5 +1,6 @@
-"""``mlflow server`` processes: one on a free loopback port for the duration of a block (local multi-worker
-sweeps, tests), and ``python -m harness.tracking.server`` behind ``make server`` (scale-out, docs/scale-out.md)."""
+"""``mlflow server`` processes: one on a free loopback port for the duration of a block (local
+multi-worker sweeps, tests), and ``python -m harness.tracking.server`` behind ``make server`` (scale-out,
+docs/scale-out.md)."""
 
 from __future__ import annotations
 
@@ -127,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--backend",
         default=os.environ.get("BACKEND") or None,
-        help="MLflow's database, e.g. postgresql://user:pw@dbhost:5432/mlflow (default: a PostgreSQL of our own)",
+        help=(
+            "MLflow's database, e.g. postgresql://user:pw@dbhost:5432/mlflow "
+            "(default: a PostgreSQL of our own)"
+        ),
     )
     p.add_argument(
         "--artifacts", default="mlruns/server-artifacts", help="artifact folder or URI, served to clients"
