@@ -17,6 +17,7 @@ from torch import nn
 
 from harness.data.base import DataSplits
 from harness.data.loader import fixed_inputs, iterate_batches
+from harness.data.normalize import describe_normalization
 from harness.errors import HarnessError
 from harness.models import build_model
 from harness.models.taps import FeatureTap
@@ -67,8 +68,10 @@ def find_or_train_teacher(spec: str, tracker, quiet: bool = False) -> str:
     return outcome.run_id
 
 
-def load_teacher(spec: str, tracker, device: torch.device, data: DataSplits):
-    """The frozen teacher model, a description of where it came from, and its training config."""
+def load_teacher(spec: str, tracker, device: torch.device, data: DataSplits, data_cfg=None):
+    """The frozen teacher model, a description of where it came from, and its training config.
+
+    With the student's ``data_cfg``, the teacher's input normalisation (in its recorded config) must match."""
     if is_checkpoint(spec):
         model, payload = load_checkpoint(spec, device)
         source = f"checkpoint {spec}"
@@ -83,7 +86,20 @@ def load_teacher(spec: str, tracker, device: torch.device, data: DataSplits):
             f"channels but the data has {data.num_classes} / {data.in_channels}; train the teacher on the same "
             "dataset"
         )
+    if data_cfg is not None:
+        check_normalization(spec, payload, data_cfg.model_dump(mode="json"))
     return model, source, payload["config"]
+
+
+def check_normalization(spec: str, payload: dict, student_data: dict) -> None:
+    teacher_data = payload["config"].get("data") or {}
+    ours = describe_normalization(student_data, payload["in_channels"])
+    theirs = describe_normalization(teacher_data, payload["in_channels"])
+    if ours != theirs:
+        raise HarnessError(
+            f"teacher {spec} was trained with input normalisation {theirs} but this run's data has {ours}; "
+            "set data.normalize to the teacher's so both see the same inputs"
+        )
 
 
 def checkpoint_payload(model: nn.Module, cfg, data: DataSplits) -> dict:
@@ -106,7 +122,8 @@ def load_checkpoint(path: str | Path, device: torch.device) -> tuple[nn.Module, 
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         cfg = build_experiment(payload["config"], str(path))
-        model = build_model(cfg.model, payload["in_channels"], payload["num_classes"])
+        # the checkpoint holds the trained weights: the config's model.weights file is not read again
+        model = build_model(cfg.model, payload["in_channels"], payload["num_classes"], load_weights=False)
         model.load_state_dict(payload["state_dict"])
     except (KeyError, RuntimeError) as exc:
         raise HarnessError(
