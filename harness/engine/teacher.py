@@ -72,10 +72,15 @@ def load_teacher(spec: str, tracker, device: torch.device, data: DataSplits, dat
     """The frozen teacher model, a description of where it came from, and its training config.
 
     With the student's ``data_cfg``, the teacher's input normalisation (in its recorded config) must match."""
+    student_data = data_cfg.model_dump(mode="json") if data_cfg is not None else None
     if is_checkpoint(spec):
         model, payload = load_checkpoint(spec, device)
         source = f"checkpoint {spec}"
     else:
+        if student_data is not None:  # before the teacher is trained
+            check_normalization(
+                spec, teacher_config(spec).model_dump(mode="json"), student_data, data.in_channels
+            )
         run_id = find_or_train_teacher(spec, tracker)
         with tempfile.TemporaryDirectory() as tmp:
             model, payload = load_checkpoint(tracker.download(run_id, CHECKPOINT_NAME, tmp), device)
@@ -86,15 +91,15 @@ def load_teacher(spec: str, tracker, device: torch.device, data: DataSplits, dat
             f"channels but the data has {data.num_classes} / {data.in_channels}; train the teacher on the same "
             "dataset"
         )
-    if data_cfg is not None:
-        check_normalization(spec, payload, data_cfg.model_dump(mode="json"))
+    if student_data is not None:
+        check_normalization(spec, payload["config"], student_data, data.in_channels)
     return model, source, payload["config"]
 
 
-def check_normalization(spec: str, payload: dict, student_data: dict) -> None:
-    teacher_data = payload["config"].get("data") or {}
-    ours = describe_normalization(student_data, payload["in_channels"])
-    theirs = describe_normalization(teacher_data, payload["in_channels"])
+def check_normalization(spec: str, teacher_cfg: dict, student_data: dict, in_channels: int) -> None:
+    """A one-line HarnessError unless the student's data normalises inputs as the teacher's did."""
+    theirs = describe_normalization(teacher_cfg.get("data") or {}, in_channels)
+    ours = describe_normalization(student_data, in_channels)
     if ours != theirs:
         raise HarnessError(
             f"teacher {spec} was trained with input normalisation {theirs} but this run's data has {ours}; "
