@@ -218,3 +218,14 @@ def test_experiments_are_tagged_as_model_training(tmp_path):
         tags = client.get_experiment(tracker.experiment_id(name)).tags
         expected = "genai_development" if name == "chosen" else "custom_model_development"
         assert tags["mlflow.experimentKind"] == expected, name
+
+
+def test_shipped_voc_example_files_validate():
+    """The README's VOC example (it cannot run here: no VOC data, no pretrained weights)."""
+    from harness.sweep.config import load_study
+
+    teacher = load_experiment("experiments/voc/deeplabv3_resnet50.yaml")
+    student_cfg = load_experiment("experiments/voc/unet_mobilenet_v2.yaml")
+    assert teacher.train.epochs == 0 and teacher.model.weights == "DEFAULT"
+    assert student_cfg.data.normalize == teacher.data.normalize
+    assert load_study("studies/voc_deeplab_to_unet.yaml").teacher == "experiments/voc/deeplabv3_resnet50.yaml"
