@@ -27,7 +27,7 @@ DISCRIMINATED_BLOCKS = {"data": DATA, "model": MODELS, "kd": KD_METHODS}
 
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    epochs: int = Field(8, ge=1)
+    epochs: int = Field(8, ge=0, description="0: evaluate the given model.weights as they are, no training")
     batch_size: int = Field(32, ge=1)
     lr: float = Field(3e-3, gt=0)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"

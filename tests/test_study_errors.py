@@ -83,8 +83,8 @@ BROKEN = {
     "duplicate seeds": (lambda s: {**s, "seeds": [0, 0]}, "seeds has duplicates"),
     "fixed and searched": (lambda s: {**s, "fixed": {"kd.method": "none"}}, "both fixed and searched"),
     "impossible value": (
-        lambda s: {**s, "fixed": {"train.epochs": 0}},
-        "train.epochs: Input should be greater than or equal to 1",
+        lambda s: {**s, "fixed": {"train.epochs": -1}},
+        "train.epochs: Input should be greater than or equal to 0",
     ),
     "selecting on a test metric": (
         lambda s: {**s, "objective": {"metric": "test/miou"}},

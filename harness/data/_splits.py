@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from harness.data.base import DataConfigBase, DataSplits, TensorSplit
+from harness.data.base import DataConfigBase, DataSplits, Normalization, TensorSplit
 
 
 def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
@@ -75,8 +75,10 @@ class TorchvisionClassificationConfig(DataConfigBase):
     limit_train: int | None = Field(
         None, ge=10, description="keep a stratified sample of this many training images"
     )
-    normalize: bool = Field(
-        False, description="standardise each channel with the training split's mean and std"
+    normalize: bool | Normalization = Field(
+        False,
+        description="true: standardise each channel with the training split's mean and std; "
+        "or {mean: [...], std: [...]}",
     )
     seed: int = 0
 
@@ -103,9 +105,12 @@ def build_classification_splits(
     return classification_splits(splits, class_names, cfg.normalize)
 
 
-def classification_splits(splits: list[TensorSplit], class_names: list[str], normalize: bool) -> DataSplits:
-    """Train, val and test tensors as a classification DataSplits, optionally standardised by train stats."""
-    if normalize:
+def classification_splits(
+    splits: list[TensorSplit], class_names: list[str], normalize: bool | Normalization
+) -> DataSplits:
+    """Train, val and test tensors as a classification DataSplits, optionally standardised by train stats
+    (``normalize`` true; given statistics are applied by ``load_data``)."""
+    if normalize is True:
         standardise(splits)
     return DataSplits(
         task="classification",

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 from torch.utils.data import Dataset
 
 from harness.registry import Registry
@@ -29,8 +29,46 @@ def task_of(metric_names) -> str:
     return "segmentation"
 
 
+class Normalization(BaseModel):
+    """Per-channel input normalisation, ``(x - mean) / std`` on images scaled to [0, 1]."""
+
+    model_config = ConfigDict(extra="forbid")
+    mean: list[float] = Field(min_length=1)
+    std: list[float] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if len(self.mean) != len(self.std):
+            raise ValueError(
+                f"mean has {len(self.mean)} values but std {len(self.std)}; give one per channel"
+            )
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be positive")
+        return self
+
+
 class DataConfigBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    normalize: Normalization | None = Field(
+        None,
+        description="{mean: [...], std: [...]} per input channel, applied to every split's images; "
+        "a teacher's is recorded with it and a student must use the same",
+    )
+
+    @model_validator(mode="after")
+    def _one_normalization(self):
+        augment = getattr(self, "augment", None)
+        if isinstance(self.normalize, Normalization) and getattr(augment, "normalize", False):
+            raise ValueError("set data.normalize or data.augment.normalize (ImageNet statistics), not both")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_normalize(self, handler):
+        # Unset normalize is left out of dumps, so configs (and their hashes) read as before the field existed.
+        data = handler(self)
+        if isinstance(data, dict) and data.get("normalize") is None:
+            data.pop("normalize", None)
+        return data
 
 
 class TensorSplit(Dataset):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from harness.data._splits import classification_splits, stratified_split
-from harness.data.base import DATA, DataConfigBase, DataSplits, TensorSplit
+from harness.data.base import DATA, DataConfigBase, DataSplits, Normalization, TensorSplit
 
 
 class DigitsConfig(DataConfigBase):
@@ -24,7 +24,11 @@ class DigitsConfig(DataConfigBase):
     image_size: int = Field(
         8, ge=8, le=256, description="side in pixels; above 8 the digits are upsampled bilinearly"
     )
-    normalize: bool = Field(False, description="standardise with the training split's mean and std")
+    normalize: bool | Normalization = Field(
+        False,
+        description="true: standardise each channel with the training split's mean and std; "
+        "or {mean: [...], std: [...]}",
+    )
     seed: int = 0
 
     @model_validator(mode="after")

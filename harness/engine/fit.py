@@ -173,10 +173,13 @@ def fit(
 
     ``on_epoch(epoch, metrics)`` is called after each epoch's validation; it may raise to stop training
     (the study driver prunes this way). ``progress(epoch, metrics)`` updates a display. The model ends with
-    the weights of its best validation epoch.
+    the weights of its best validation epoch. With ``train.epochs: 0`` the model is validated once as it is
+    and that is reported as the best, at epoch -1 (before any training), with an empty history.
     """
     tc = cfg.train
     autocast = autocast_factory(device, tc.amp)
+    if tc.epochs == 0:
+        return as_given(model, data, cfg, device, autocast)
     params = list(model.parameters()) + [p for p in distiller.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, tc)
     scheduler = build_scheduler(optimizer, tc)
@@ -235,3 +238,10 @@ def fit(
     if best_state is not None:
         model.load_state_dict(best_state)
     return result
+
+
+def as_given(model: nn.Module, data: DataSplits, cfg, device, autocast) -> FitResult:
+    """The model's weights as they are (``train.epochs: 0``): validated once, nothing trained."""
+    start = time.perf_counter()
+    val = validate(model, data, cfg, device, autocast)
+    return FitResult(state="finished", best_epoch=-1, best_val=val, step_seconds=time.perf_counter() - start)

@@ -1,12 +1,13 @@
 """Run one experiment end to end: data, teacher, student, KD method, fit, final evaluation, MLflow run.
 
 Both ``python -m harness train`` and every trial of a study go through ``run_experiment``. Inputs are
-checked (data loaded, teacher resolved, KD method built) before a run is created, so bad input leaves
-nothing half-written in the store.
+checked (data loaded, student built with its weights, teacher resolved, KD method built) before a run is
+created, so bad input leaves nothing half-written in the store.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import tempfile
@@ -46,6 +47,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def preserved_rng(device: torch.device):
+    """Restore Python's, NumPy's and torch's random states on exit."""
+    states = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        yield
+    random.setstate(states[0])
+    np.random.set_state(states[1])
 
 
 _DATA: dict[str, DataSplits] = {}
@@ -108,12 +119,15 @@ def run_experiment(
     torch.backends.cudnn.benchmark = device.type == "cuda"
     seed_everything(cfg.train.seed)
     data = cached_data(cfg, device)
+    seed_everything(cfg.train.seed)
+    # The student (with its model.weights) is built before a teacher is found or trained, so a bad student
+    # stops the run with nothing logged, not even a teacher run.
+    model = build_model(cfg.model, data.in_channels, data.num_classes).to(device)
     teacher = teacher_source = None
     teacher_cfg = None
     if cfg.teacher and cfg.kd.method != "none":
-        teacher, teacher_source, teacher_cfg = load_teacher(cfg.teacher, tracker, device, data)
-    seed_everything(cfg.train.seed)
-    model = build_model(cfg.model, data.in_channels, data.num_classes).to(device)
+        with preserved_rng(device):  # the student's draws stay those of a process without the teacher
+            teacher, teacher_source, teacher_cfg = load_teacher(cfg.teacher, tracker, device, data, cfg.data)
     if device.type == "cuda" and cfg.train.channels_last and data.task == "segmentation":
         model = model.to(memory_format=torch.channels_last)
     distiller = build_distiller(cfg, model, teacher, data, device)
@@ -233,8 +247,7 @@ def finalize(
         "train_ms_per_image": 1000.0 / result.train_images_per_s if result.train_images_per_s else 0.0,
         "flops": count_flops(model, example),
         "ms_per_image": ms_per_image(model, example, autocast=autocast),
-        "train/loss_final": result.history[-1]["train/loss"],
-        "train/loss_best_epoch": result.history[result.best_epoch]["train/loss"],
+        **train_losses(result),
     }
     run.log_metrics(final, step=len(result.history))  # one step past the last epoch: the selected model
     with tempfile.TemporaryDirectory() as tmp:
@@ -251,6 +264,15 @@ def finalize(
         run.log_figure(fig, "predictions.png")
         plt.close(fig)
     return final, test_seconds
+
+
+def train_losses(result: FitResult) -> dict[str, float]:
+    if not result.history:  # train.epochs 0: the given weights, nothing trained
+        return {}
+    return {
+        "train/loss_final": result.history[-1]["train/loss"],
+        "train/loss_best_epoch": result.history[result.best_epoch]["train/loss"],
+    }
 
 
 def _examples(split, n: int, device):

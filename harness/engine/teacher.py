@@ -17,6 +17,7 @@ from torch import nn
 
 from harness.data.base import DataSplits
 from harness.data.loader import fixed_inputs, iterate_batches
+from harness.data.normalize import describe_normalization
 from harness.errors import HarnessError
 from harness.models import build_model
 from harness.models.taps import FeatureTap
@@ -67,12 +68,19 @@ def find_or_train_teacher(spec: str, tracker, quiet: bool = False) -> str:
     return outcome.run_id
 
 
-def load_teacher(spec: str, tracker, device: torch.device, data: DataSplits):
-    """The frozen teacher model, a description of where it came from, and its training config."""
+def load_teacher(spec: str, tracker, device: torch.device, data: DataSplits, data_cfg=None):
+    """The frozen teacher model, a description of where it came from, and its training config.
+
+    With the student's ``data_cfg``, the teacher's input normalisation (in its recorded config) must match."""
+    student_data = data_cfg.model_dump(mode="json") if data_cfg is not None else None
     if is_checkpoint(spec):
         model, payload = load_checkpoint(spec, device)
         source = f"checkpoint {spec}"
     else:
+        if student_data is not None:  # before the teacher is trained
+            check_normalization(
+                spec, teacher_config(spec).model_dump(mode="json"), student_data, data.in_channels
+            )
         run_id = find_or_train_teacher(spec, tracker)
         with tempfile.TemporaryDirectory() as tmp:
             model, payload = load_checkpoint(tracker.download(run_id, CHECKPOINT_NAME, tmp), device)
@@ -83,7 +91,20 @@ def load_teacher(spec: str, tracker, device: torch.device, data: DataSplits):
             f"channels but the data has {data.num_classes} / {data.in_channels}; train the teacher on the same "
             "dataset"
         )
+    if student_data is not None:
+        check_normalization(spec, payload["config"], student_data, data.in_channels)
     return model, source, payload["config"]
+
+
+def check_normalization(spec: str, teacher_cfg: dict, student_data: dict, in_channels: int) -> None:
+    """A one-line HarnessError unless the student's data normalises inputs as the teacher's did."""
+    theirs = describe_normalization(teacher_cfg.get("data") or {}, in_channels)
+    ours = describe_normalization(student_data, in_channels)
+    if ours != theirs:
+        raise HarnessError(
+            f"teacher {spec} was trained with input normalisation {theirs} but this run's data has {ours}; "
+            "set data.normalize to the teacher's so both see the same inputs"
+        )
 
 
 def checkpoint_payload(model: nn.Module, cfg, data: DataSplits) -> dict:
@@ -106,7 +127,8 @@ def load_checkpoint(path: str | Path, device: torch.device) -> tuple[nn.Module, 
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         cfg = build_experiment(payload["config"], str(path))
-        model = build_model(cfg.model, payload["in_channels"], payload["num_classes"])
+        # the checkpoint holds the trained weights: the config's model.weights file is not read again
+        model = build_model(cfg.model, payload["in_channels"], payload["num_classes"], load_weights=False)
         model.load_state_dict(payload["state_dict"])
     except (KeyError, RuntimeError) as exc:
         raise HarnessError(

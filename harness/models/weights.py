@@ -11,8 +11,9 @@ A weights spec is either
 Keys are matched leniently where that is unambiguous: ``module.`` (DataParallel) and ``_orig_mod.``
 (``torch.compile``) prefixes are dropped, and a state dict of the bare network loads into the harness's
 wrapper (``net.`` prefix added) and the other way round. Missing ``num_batches_tracked`` buffers are fine.
-Anything else that does not fit is a ``HarnessError`` of one line: the counts and first names of missing
-and unexpected keys, and the first shape mismatch.
+Anything else that does not fit is a ``ConfigError`` of one line (exit status 2, like a missing or unreadable
+file or an unknown weights name): the counts and first names of missing and unexpected keys, and the first
+shape mismatch. Weights that are not cached and cannot be downloaded are a ``HarnessError`` (exit status 1).
 
 Downloads (torchvision weights, smp/timm encoder weights) are tried only when the file is not cached and
 neither ``KD_HARNESS_OFFLINE`` nor ``HF_HUB_OFFLINE`` is set; tests set ``KD_HARNESS_OFFLINE=1``.
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from harness.errors import HarnessError
+from harness.errors import ConfigError, HarnessError
 
 FILE_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
 WRAPPER_PREFIX = "net."
@@ -49,7 +50,7 @@ def load_weights(model: nn.Module, spec: str) -> None:
         return
     name = getattr(model, "torchvision_name", None)
     if name is None:
-        raise HarnessError(
+        raise ConfigError(
             f"model.weights {spec!r}: no such file; give a .pt/.pth/.safetensors state dict "
             f"(weights names such as DEFAULT work only for the torchvision models)"
         )
@@ -58,7 +59,7 @@ def load_weights(model: nn.Module, spec: str) -> None:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise HarnessError(
+        raise ConfigError(
             f"model.weights: {path} not found; give the path of a .pt/.pth/.safetensors state dict"
         )
     if path.suffix == ".safetensors":
@@ -68,19 +69,19 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError) as exc:
-            raise HarnessError(f"model.weights: {path} is not a readable safetensors file ({exc})") from None
+            raise ConfigError(f"model.weights: {path} is not a readable safetensors file ({exc})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors come in many types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HarnessError(
+        raise ConfigError(
             f"model.weights: {path} is not a plain state dict ({first}); save it with "
             f"torch.save(model.state_dict(), path)"
         ) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # a harness model.pt or a Lightning checkpoint
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise HarnessError(
+        raise ConfigError(
             f"model.weights: {path} holds a {type(obj).__name__}, not a state dict of tensors; save it with "
             f"torch.save(model.state_dict(), path)"
         )
@@ -124,7 +125,7 @@ def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], what: str
     state = match_keys(state, set(model_state))
     problem = describe_mismatch(state, model_state)
     if problem:
-        raise HarnessError(
+        raise ConfigError(
             f"{what} does not fit the model: {problem}; check model.name and its settings, "
             f"or the data's classes and channels"
         )
@@ -144,7 +145,7 @@ def torchvision_weights(name: str, spec: str):
         return enum[member]
     except KeyError:
         choices = ["DEFAULT", *(w.name for w in enum)]
-        raise HarnessError(
+        raise ConfigError(
             f"model.weights {spec!r}: not a weights name of {name}; use one of {choices} or a state-dict path"
         ) from None
 

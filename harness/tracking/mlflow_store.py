@@ -27,6 +27,10 @@ RUN_STATUS = {
     "abandoned": "KILLED",
 }
 
+# MLflow 3's experiment kind, "Machine learning". The 3.17 UI reads this tag only with its workflow navigation
+# off (it is on in the shipped build): it opens experiments by its sidebar's GenAI / Model training switch.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
 
 def tracking_uri(uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
@@ -58,16 +62,22 @@ class Tracker:
         return None
 
     def experiment_id(self, name: str) -> str:
+        """The id of experiment ``name``, created if needed, tagged as model training (see EXPERIMENT_KIND)."""
         from mlflow.exceptions import MlflowException
 
         found = self._client.get_experiment_by_name(name)
-        if found is not None:
-            return found.experiment_id
-        root = self.artifact_root()
-        try:
-            return self._client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
-        except MlflowException:  # another worker created it first
-            return self._client.get_experiment_by_name(name).experiment_id
+        if found is None:
+            root = self.artifact_root()
+            try:
+                return self._client.create_experiment(
+                    name, artifact_location=f"{root}/{name}" if root else None, tags=EXPERIMENT_KIND
+                )
+            except MlflowException:  # another worker created it first
+                found = self._client.get_experiment_by_name(name)
+        if not any(k in found.tags for k in EXPERIMENT_KIND):  # older experiments; a kind set by hand stays
+            for key, value in EXPERIMENT_KIND.items():
+                self._client.set_experiment_tag(found.experiment_id, key, value)
+        return found.experiment_id
 
     def start_run(
         self, experiment: str, name: str, parent_id: str | None = None, tags: dict[str, Any] | None = None
