@@ -452,9 +452,9 @@ SYNTHETIC = [  # method, lr, per seed: (state, val/miou, test/miou)
 ]
 
 
-def synthetic_study() -> StudyRuns:
+def synthetic_study(spec=SYNTHETIC) -> StudyRuns:
     trials, seeds = [], []
-    for number, (method, lr, runs) in enumerate(SYNTHETIC):
+    for number, (method, lr, runs) in enumerate(spec):
         params = {"params.kd.method": method, "params.train.lr": lr, "params.train.epochs": 8}
         params |= {
             "params.model.width": 2,
@@ -463,8 +463,11 @@ def synthetic_study() -> StudyRuns:
         }
         done = [r for r in runs if r[0] == "finished"]
         trial = {"run_id": f"t{number}", "trial": number, "method": method, **params}
-        trial["state"] = "diverged" if len(done) < len(runs) else "finished"
-        trial["metrics.n_seeds"] = len(done)
+        states = {r[0] for r in runs}
+        trial["state"] = next((s for s in ("failed", "diverged") if s in states), "finished")
+        trial["metrics.n_seeds"] = (
+            len(done) if trial["state"] != "failed" else np.nan
+        )  # a failed trial logs none
         for i, metric in ((1, "val/miou"), (2, "test/miou")):
             values = [r[i] for r in done]
             trial[f"metrics.{metric}"] = statistics.fmean(values) if values else np.nan
@@ -536,3 +539,16 @@ def test_ms_per_image_is_one_figure_per_architecture(synthetic):
     table = method_table(*synthetic.args)
     assert list(table.frame["ms/image"]) == [pytest.approx(np.nanmedian(ms))] * 3  # one width: one figure
     assert "ms/image std" not in table.frame and "measured once per student architecture" in table.note
+
+
+def test_failed_seeds_are_counted_in_the_cell():
+    """A seed that raised fails its trial; the seeds that finished before it still show, with the failure."""
+    spec = [
+        *SYNTHETIC[:1],
+        ("dist", 0.01, [("finished", 0.7, 0.66), ("finished", 0.7, 0.68), ("failed", None, None)]),
+    ]
+    study = synthetic_study(spec)
+    groups = build_groups(study)
+    table = method_table(study, groups, group_seeds(study, groups)).frame.set_index("KD method")
+    assert table.loc["dist", "test mIoU n"] == 2 and table.loc["dist", "test mIoU failed"] == 1
+    assert "| dist | 0.6700 ± 0.0141 (n=2, 1 failed) |" in md_table(table.reset_index())

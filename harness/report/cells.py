@@ -22,13 +22,12 @@ LATENCY_NOTE = (
 
 
 def marker(row: pd.Series) -> str | None:
-    """``Div.`` for a configuration with no finished seed and a diverged one, ``Failed`` when its seeds
-    failed instead, None when a seed finished."""
+    """``Div.`` for a configuration with no finished seed and a diverged one, ``Failed`` for one whose
+    trial failed without a finished seed (a seed raised, or it failed before its first seed), None when a
+    seed finished."""
     if row.get("seeds_finished", 1) > 0:
         return None
-    if row.get("seeds_diverged", 0) > 0:
-        return DIV
-    return FAILED if row.get("seeds_failed", 0) > 0 else None
+    return DIV if row.get("seeds_diverged", 0) > 0 else FAILED
 
 
 def cell(row: pd.Series, metric: str, name: str, std: bool = True) -> dict:
