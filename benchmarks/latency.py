@@ -15,7 +15,7 @@ import torch  # noqa: E402
 import torch.utils.benchmark as tb  # noqa: E402
 
 from benchmarks.common import device, table, write_section  # noqa: E402
-from harness.engine.evaluate import ms_per_image  # noqa: E402
+from harness.engine.evaluate import LATENCY_THREADS, ms_per_image  # noqa: E402
 from harness.models.unet import UNet  # noqa: E402
 
 
@@ -28,11 +28,9 @@ def main() -> None:
     for k in args.widths:
         model = UNet(1, 11, width=k).to(dev).eval()
         x = torch.randn(1, 1, 64, 64, device=dev)
-        ours = ms_per_image(model, x)
+        ours = ms_per_image(model, x, cache=False)
         with torch.no_grad():
-            timer = tb.Timer(
-                stmt="model(x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads()
-            )
+            timer = tb.Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=LATENCY_THREADS)
             ref = timer.blocked_autorange(min_run_time=2.0).median * 1000
         rows.append(
             {
@@ -44,7 +42,7 @@ def main() -> None:
         )
     body = (
         "Batch 1, 64x64 input, eval mode, no autocast. The harness times 30 synchronised calls after 5 "
-        "warm-up calls and takes the median; torch.utils.benchmark (same thread count) runs "
+        f"warm-up calls and takes the median; torch.utils.benchmark (same thread count: {LATENCY_THREADS}) runs "
         "blocked_autorange for 2 s. Target: within 10%.\n\n"
         + table(rows, ["k", "harness ms/image", "torch.utils.benchmark ms", "difference"])
     )

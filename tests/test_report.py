@@ -19,10 +19,12 @@ from harness.cli import main as harness_main
 from harness.report.__main__ import main as report_main
 from harness.report.across import summary_table
 from harness.report.build import StudyReport
-from harness.report.compare import finding
+from harness.report.compare import baseline_table, finding
+from harness.report.groups import build_groups, group_seeds
 from harness.report.load import StudyRuns
 from harness.report.markdown import md_table
 from harness.report.stats import TOO_FEW, compare_table, pareto_front
+from harness.report.tables import best_trials_table, method_table
 from harness.tracking import Tracker
 from tests.conftest import TINY_DATA, TINY_TRAIN, write_yaml
 
@@ -199,9 +201,12 @@ def test_tables_follow_what_each_study_varies(swept):
 def test_method_table_matches_the_seed_runs(swept):
     table = read(swept, "kdgrid", "methods")
     assert list(table.columns[:5]) == ["KD method", "k", "test mIoU", "test mIoU std", "test mIoU n"]
-    assert {"# parameters", "ms/image", "ms/image std", "training ms/image", "training ms/image std"} <= set(
+    assert {"# parameters", "ms/image", "training ms/image", "training ms/image std", "tuning trials"} <= set(
         table.columns
     )
+    assert "ms/image std" not in table and set(table["schedule"]) == {
+        "2 ep, adam, lr 0.01, constant, batch 16"
+    }
     assert list(zip(table["KD method"], table["k"])) == [
         ("none", 2),
         ("none", 4),
@@ -213,9 +218,15 @@ def test_method_table_matches_the_seed_runs(swept):
         assert sorted(s.data.tags["seed"] for s in seeds) == ["0", "1"]
         mean, std = mean_std(finished_metric(seeds, "test/miou"))
         assert row["test mIoU"] == pytest.approx(mean) and row["test mIoU std"] == pytest.approx(std)
-        assert row["test mIoU n"] == 2
+        assert row["test mIoU n"] == 2 and row["test mIoU div."] == 0 and row["test mIoU failed"] == 0
         assert row["# parameters"] == seeds[0].data.metrics["params"]
-        assert row["ms/image"] == pytest.approx(statistics.fmean(finished_metric(seeds, "ms_per_image")))
+        assert row["tuning trials"] == 1  # a grid: one trial per method and width
+        # ms/image belongs to the student: the median over every seed run with this width, KD or not
+        same_student = seed_runs(swept.client, "kdgrid", **{"model.width": row["k"]})
+        assert row["ms/image"] == pytest.approx(
+            statistics.median(finished_metric(same_student, "ms_per_image"))
+        )
+    assert table.groupby("k")["ms/image"].nunique().eq(1).all()
 
 
 def test_width_table_matches_the_seed_runs(swept):
@@ -278,8 +289,10 @@ def test_temperature_tables_mark_diverged_runs(swept):
             assert float(row["test loss"]) == pytest.approx(
                 statistics.fmean(s.data.metrics["test/loss"] for s in done)
             )
+            assert row["test mIoU n"] == len(done) and row["test mIoU div."] == 0
         else:
-            assert row["test loss"] == "Div." and row["test mIoU"] == "Div."
+            assert row["test loss"] == "Div." and row["test mIoU"] == "Div." and row["test mIoU n"] == 0
+            assert row["test mIoU div."] == len(seeds) == 2  # the diverged seeds are counted, not dropped
     per_seed = read(swept, "temps", "seeds_per_temperature")
     assert list(per_seed.columns[:4]) == ["T", "lr", "seed 0", "seed 1"]
     assert len(per_seed) == len(by_role["trial"]) == 3
@@ -299,7 +312,10 @@ def test_temperature_tables_mark_diverged_runs(swept):
             else:
                 assert float(row[f"seed {seed}"]) == pytest.approx(run.data.metrics["test/loss"])
     assert diverged == 4
-    assert "| Div. | Div. |" in (swept.out / "temps" / "README.md").read_text()
+    assert list(per_seed["test loss div."]) == [0 if lr < 1 else 2 for lr in per_seed["lr"]]
+    readme = (swept.out / "temps" / "README.md").read_text()
+    assert "| Div. | Div. | Div. (n=0, 2 div.) |" in readme  # seeds per temperature: the counts cell
+    assert "| 4 | Div. (n=0, 2 div.) | Div. (n=0, 2 div.) |" in readme  # temperature table
 
 
 def test_classification_table(swept):
@@ -422,3 +438,117 @@ def test_summary_row_of_a_study_without_a_best_trial():
         np.isnan(row["best trial"]) and np.isnan(row["best objective std"]) and row["its test metric"] == ""
     )
     assert row["trials finished"] == 1 and row["trials diverged"] == 1
+
+
+# A synthetic study, built as load_study returns it: every table function runs on it without a sweep.
+# none: 1 trial; response: 3 trials (lr 0.1 has the best val score but one seed diverged; lr 0.01 and
+# 0.001 finished every seed); fitnet: 1 trial whose seeds all diverged.
+SYNTHETIC = [  # method, lr, per seed: (state, val/miou, test/miou)
+    ("none", 0.01, [("finished", 0.50, 0.48), ("finished", 0.52, 0.50), ("finished", 0.51, 0.49)]),
+    ("response", 0.1, [("finished", 0.90, 0.88), ("diverged", None, None), ("finished", 0.92, 0.90)]),
+    ("response", 0.01, [("finished", 0.60, 0.58), ("finished", 0.62, 0.61), ("finished", 0.61, 0.60)]),
+    ("response", 0.001, [("finished", 0.40, 0.38), ("finished", 0.41, 0.39), ("finished", 0.42, 0.40)]),
+    ("fitnet", 0.01, [("diverged", None, None)] * 3),
+]
+
+
+def synthetic_study(spec=SYNTHETIC) -> StudyRuns:
+    trials, seeds = [], []
+    for number, (method, lr, runs) in enumerate(spec):
+        params = {"params.kd.method": method, "params.train.lr": lr, "params.train.epochs": 8}
+        params |= {
+            "params.model.width": 2,
+            "params.train.optimizer": "adam",
+            "params.train.scheduler": "none",
+        }
+        done = [r for r in runs if r[0] == "finished"]
+        trial = {"run_id": f"t{number}", "trial": number, "method": method, **params}
+        states = {r[0] for r in runs}
+        trial["state"] = next((s for s in ("failed", "diverged") if s in states), "finished")
+        trial["metrics.n_seeds"] = (
+            len(done) if trial["state"] != "failed" else np.nan
+        )  # a failed trial logs none
+        for i, metric in ((1, "val/miou"), (2, "test/miou")):
+            values = [r[i] for r in done]
+            trial[f"metrics.{metric}"] = statistics.fmean(values) if values else np.nan
+            trial[f"metrics.{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        trials.append(trial)
+        for seed, (state, val, test) in enumerate(runs):
+            metrics = {"metrics.val/miou": val, "metrics.test/miou": test}
+            metrics |= {"metrics.params": 1000.0, "metrics.ms_per_image": 1.0 + number + seed / 10}
+            if state != "finished":
+                metrics = dict.fromkeys(metrics, np.nan)
+            seeds.append({"run_id": f"t{number}s{seed}", "trial_run": f"t{number}", "trial": number})
+            seeds[-1] |= {"seed": seed, "state": state, "method": method, **params, **metrics}
+    frame = pd.DataFrame(trials)
+    frame["trial"] = frame["trial"].astype("Int64")
+    return StudyRuns("synthetic", None, frame, pd.DataFrame(seeds))
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    study = synthetic_study()
+    groups = build_groups(study)
+    seeds = group_seeds(study, groups)
+    return SimpleNamespace(study=study, groups=groups, seeds=seeds, args=(study, groups, seeds))
+
+
+def test_a_configuration_with_a_diverged_seed_never_ranks_above_a_complete_one(synthetic):
+    table = method_table(*synthetic.args).frame.set_index("KD method")
+    # lr 0.1 has the best val/miou (0.91 over its two finished seeds) but lost a seed: lr 0.01 is chosen
+    assert table.loc["response", "trial #"] == "2"
+    assert table.loc["response", "test mIoU"] == pytest.approx(statistics.fmean([0.58, 0.61, 0.60]))
+    best = best_trials_table(*synthetic.args).frame
+    assert list(best["trial"]) == [2, 0, 3, 1]  # the diverged trial last, despite the highest score
+    assert list(best["val/miou div."]) == [0, 0, 0, 1] and list(best["val/miou n"]) == [3, 3, 3, 2]
+    assert "| 1 | 0.9100 ± 0.0141 (n=2, 1 div.) |" in md_table(best)
+
+
+def test_an_all_diverged_method_is_a_div_row_with_its_counts(synthetic):
+    table = method_table(*synthetic.args)
+    frame = table.frame.set_index("KD method")
+    assert list(table.frame["KD method"]) == ["none", "fitnet", "response"]
+    assert frame.loc["fitnet", "test mIoU"] == "Div."
+    assert frame.loc["fitnet", "test mIoU n"] == 0 and frame.loc["fitnet", "test mIoU div."] == 3
+    assert frame.loc["fitnet", "trial #"] == "4"
+    lines = md_table(table.frame)
+    assert "| none | 0.4900 ± 0.0100 (n=3) |" in lines
+    assert "| fitnet | Div. (n=0, 3 div.) |" in lines
+    base = baseline_table(*synthetic.args)
+    rows = base.frame.set_index("KD method")
+    assert rows.loc["fitnet", "test mIoU KD"] == "Div." and rows.loc["fitnet", "test mIoU KD div."] == 3
+    assert rows.loc["fitnet", "verdict"] == "no finished seed (Div.): not compared"
+    assert rows.loc["response", "seeds paired"] == 3  # the complete lr 0.01 configuration, not lr 0.1
+    assert base.findings[0].endswith(" fitnet: no seed finished (diverged or failed), not compared.")
+
+
+def test_tuning_budget_column_schedule_and_flag(synthetic):
+    table = method_table(*synthetic.args)
+    frame = table.frame.set_index("KD method")
+    assert dict(frame["tuning trials"]) == {"none": 1, "fitnet": 1, "response": 3}
+    assert set(frame["schedule"]) == {"8 ep, adam, lr 0.01, constant"}  # one schedule: no note on it
+    flag = "response got 3 trials of tuning, none 1: its advantage may come from tuning, not KD."
+    assert flag in table.note and "fitnet got" not in table.note and "different schedules" not in table.note
+    base = baseline_table(*synthetic.args)
+    budgets = dict(base.frame.set_index("KD method")["tuning trials KD / none"])
+    assert budgets == {"fitnet": "1 / 1", "response": "3 / 1"} and flag in base.note
+
+
+def test_ms_per_image_is_one_figure_per_architecture(synthetic):
+    ms = [r["metrics.ms_per_image"] for _, r in synthetic.study.seeds.iterrows()]
+    table = method_table(*synthetic.args)
+    assert list(table.frame["ms/image"]) == [pytest.approx(np.nanmedian(ms))] * 3  # one width: one figure
+    assert "ms/image std" not in table.frame and "measured once per student architecture" in table.note
+
+
+def test_failed_seeds_are_counted_in_the_cell():
+    """A seed that raised fails its trial; the seeds that finished before it still show, with the failure."""
+    spec = [
+        *SYNTHETIC[:1],
+        ("dist", 0.01, [("finished", 0.7, 0.66), ("finished", 0.7, 0.68), ("failed", None, None)]),
+    ]
+    study = synthetic_study(spec)
+    groups = build_groups(study)
+    table = method_table(study, groups, group_seeds(study, groups)).frame.set_index("KD method")
+    assert table.loc["dist", "test mIoU n"] == 2 and table.loc["dist", "test mIoU failed"] == 1
+    assert "| dist | 0.6700 ± 0.0141 (n=2, 1 failed) |" in md_table(table.reset_index())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 import time
 
@@ -75,14 +76,60 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+LATENCY_THREADS = 1  # CPU intra-op threads while timing: a figure that does not depend on the machine's load
+_LATENCY: dict[tuple, float] = {}  # architecture key -> ms/image, for this process
+
+
+def _autocast_state(ctx, device_type: str) -> tuple:
+    with ctx():
+        return torch.is_autocast_enabled(device_type), str(torch.get_autocast_dtype(device_type))
+
+
+def architecture_key(model: nn.Module, x: torch.Tensor, ctx, threads: int) -> tuple:
+    """What ms/image depends on: the module tree (its repr holds every layer's hyperparameters), the
+    parameters' shapes, dtypes and memory layout, the input's shape, dtype and device, autocast and threads.
+    Not the weights or the seed: every trial of a study with the same student gets the same key."""
+    tensors = [(n, tuple(t.shape), str(t.dtype), t.stride()) for n, t in model.state_dict().items()]
+    text = f"{type(model).__qualname__}|{model!r}|{tensors}"
+    digest = hashlib.sha1(text.encode()).hexdigest()
+    return (digest, tuple(x.shape), str(x.dtype), str(x.device), _autocast_state(ctx, x.device.type), threads)
+
+
+def clear_latency_cache() -> None:
+    _LATENCY.clear()
+
+
 @torch.no_grad()
 def ms_per_image(
-    model: nn.Module, example: torch.Tensor, *, warmup: int = 5, repeats: int = 30, autocast=None
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    warmup: int = 5,
+    repeats: int = 30,
+    autocast=None,
+    threads: int = LATENCY_THREADS,
+    cache: bool = True,
 ) -> float:
-    """Inference latency at batch 1: warm-up, synchronised timing, median of repeats, in milliseconds."""
+    """Inference latency at batch 1 in milliseconds: warm-up, synchronised timing, median of repeats, with
+    ``threads`` CPU threads (restored after). Measured once per architecture (:func:`architecture_key`)
+    in this process and reused, so every trial with the same student reports the same figure."""
     model.eval()
     x = example[:1]
     ctx = autocast or (lambda: torch.autocast(x.device.type, enabled=False))
+    key = (*architecture_key(model, x, ctx, threads), warmup, repeats)
+    if cache and key in _LATENCY:
+        return _LATENCY[key]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        result = _time(model, x, ctx, warmup, repeats)
+    finally:
+        torch.set_num_threads(previous)
+    _LATENCY[key] = result
+    return result
+
+
+def _time(model: nn.Module, x: torch.Tensor, ctx, warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         with ctx():
             model(x)

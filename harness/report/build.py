@@ -121,8 +121,9 @@ def _intro(study: StudyRuns, groups: pd.DataFrame, counts: dict[str, int]) -> li
             f"{number(t.get('ms_per_image', np.nan))} ms/image."
         )
     lines.append(
-        "Tables report test metrics as mean ± std over seeds (n = seeds); configurations are chosen "
-        f"on `{study.objective}` (validation), never on test."
+        "Tables report test metrics as mean ± std over the finished seeds (n), with the seeds that "
+        "diverged or failed beside them (k div., k failed; Div. = none finished); configurations are "
+        f"chosen on `{study.objective}` (validation), never on test, those that finished every seed first."
     )
     return lines
 

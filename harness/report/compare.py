@@ -5,7 +5,9 @@ best ``none`` configuration with the same ``model.*``, ``data.*`` and ``train.ep
 seed-paired difference gets a 95% t-interval, a paired-t p, an exact sign-flip p, a Holm-adjusted p across
 the table's rows and a verdict (``report/stats.py``; docs/reading-reports.md). Gap closed =
 (KD - none) / (teacher - none), with the teacher's test metric, and its interval is the difference's
-interval divided by the same gap.
+interval divided by the same gap. A method none of whose configurations finished a seed stays in the table
+as a ``Div.`` row with no statistics; each row says how many trials tuned the method and the baseline, and
+the note flags a method tuned with more than twice the baseline's trials (``report/fairness.py``).
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from harness.report.cells import cell, marker, with_unfinished
+from harness.report.fairness import budgets, tuning_flags
 from harness.report.groups import _norm, best_per, student_keys
 from harness.report.load import StudyRuns
 from harness.report.markdown import Table, number
 from harness.report.stats import BETTER, MIN_SEEDS, TOO_FEW, WORSE, Comparison, adjust, compare
-from harness.report.tables import keys_frame, label, quality_label
+from harness.report.tables import keys_frame, quality_label, row_name
 
 SAME_STUDENT = ("model.", "data.", "train.epochs")
 SIGN_FLIP_FLOOR_N = 6  # below this the exact sign-flip p cannot reach 0.05 (floor 2 / 2^n)
@@ -48,13 +52,6 @@ def higher_is_better(metric: str) -> bool:
     return not metric.rsplit("/", 1)[-1].endswith("loss")
 
 
-def _row_name(row: pd.Series, keys: list[str]) -> str:
-    if not keys:
-        return str(row["method"])
-    values = ", ".join(f"{label(k)}={row['params.' + k]}" for k in keys)
-    return f"{row['method']} ({values})"
-
-
 def _baseline(nones: pd.DataFrame, row: pd.Series, study: StudyRuns) -> pd.Series | None:
     student = _student(row)
     same = nones[[_student(n) == student for _, n in nones.iterrows()]] if len(nones) else nones
@@ -63,21 +60,17 @@ def _baseline(nones: pd.DataFrame, row: pd.Series, study: StudyRuns) -> pd.Serie
 
 
 def _record(row: pd.Series, base: pd.Series | None, metric: str, qlabel: str) -> dict:
-    rec = {
-        "KD method": row["method"],
-        f"{qlabel} KD": row[metric],
-        f"{qlabel} KD std": row[f"{metric} std"],
-        f"{qlabel} KD n": row[f"{metric} n"],
-        f"{qlabel} none": np.nan if base is None else base[metric],
-        f"{qlabel} none std": np.nan if base is None else base[f"{metric} std"],
-        f"{qlabel} none n": np.nan if base is None else base[f"{metric} n"],
-    }
+    rec = {"KD method": row["method"], **cell(row, metric, f"{qlabel} KD")}
+    none = cell(base, metric, f"{qlabel} none") if base is not None else {}
+    rec.update({k: none.get(k, np.nan) for k in cell(row, metric, f"{qlabel} none")})
     none_trials = "–" if base is None else ", ".join(map(str, base["trials"]))
     rec["trial # KD / none"] = f"{', '.join(map(str, row['trials']))} / {none_trials}"
     return rec
 
 
-def _statistics(c: Comparison | None, gap: float) -> dict:
+def _statistics(c: Comparison | None, gap: float, diverged: bool = False) -> dict:
+    if diverged:
+        return {"verdict": "no finished seed (Div.): not compared"}
     if c is None:
         return {"verdict": "no baseline: no `none` run with this student"}
     scale = 100 / gap if gap > 0 else np.nan
@@ -102,33 +95,39 @@ STAT_COLUMNS = list(_statistics(Comparison(0, 0, 0, *[np.nan] * 5), 1.0))
 def baseline_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) -> Table | None:
     metric, qlabel = study.quality, quality_label(study)
     keys = student_keys(groups)
-    rows = best_per(groups, ["kd.method", *keys], study.objective, study.direction)
+    choice = ["kd.method", *keys]
+    rows = with_unfinished(best_per(groups, choice, study.objective, study.direction), groups, choice)
     kd_rows = rows[rows["method"] != "none"]
     if not len(kd_rows):
         return None
     nones = groups[(groups["method"] == "none") & (groups["seeds_finished"] > 0)]
     teacher_value = (study.teacher or {}).get("metrics", {}).get(metric, np.nan)
     records, gaps, compared = [], [], {}
+    diverged = [marker(row) is not None for _, row in kd_rows.iterrows()]
     for i, (_, row) in enumerate(kd_rows.iterrows()):
         base = _baseline(nones, row, study)
         records.append(_record(row, base, metric, qlabel))
         gaps.append(np.nan if base is None else teacher_value - base[metric])
-        if base is not None:
+        if base is not None and not diverged[i]:
             compared[i] = compare(
                 _per_seed(seeds, row["group"], metric), _per_seed(seeds, base["group"], metric)
             )
     judged = dict(zip(compared, adjust(list(compared.values()), higher_is_better(metric))))
+    mine, none = budgets(study, kd_rows, choice)
     for i, rec in enumerate(records):
-        rec.update(_statistics(judged.get(i), gaps[i]))
-    trial_col = "trial # KD / none"
-    columns = [c for c in records[0] if c not in (*STAT_COLUMNS, trial_col)] + STAT_COLUMNS + [trial_col]
+        rec.update(_statistics(judged.get(i), gaps[i], diverged[i]))
+        rec["tuning trials KD / none"] = f"{mine[i]} / {none[i]}"
+    tail = ["tuning trials KD / none", "trial # KD / none"]
+    columns = [c for c in records[0] if c not in (*STAT_COLUMNS, *tail)] + STAT_COLUMNS + tail
     out = pd.DataFrame(records, columns=columns)
     if keys:
         out = pd.concat([out.iloc[:, :1], keys_frame(kd_rows, keys), out.iloc[:, 1:]], axis=1)
-    names = [_row_name(row, keys) for _, row in kd_rows.iterrows()]
+    names = [row_name(row, keys) for _, row in kd_rows.iterrows()]
     results = [(names[i], c) for i, c in judged.items()]
-    note = _note(results, qlabel, _teacher_text(study, teacher_value, qlabel, out))
-    return Table("baseline", "KD against the no-KD baseline", out, note, [finding(results, qlabel)])
+    lost = [n for n, d in zip(names, diverged) if d]
+    flags = tuning_flags(names, list(kd_rows["method"]), mine, none)
+    note = _note(results, qlabel, _teacher_text(study, teacher_value, qlabel, out), flags)
+    return Table("baseline", "KD against the no-KD baseline", out, note, [finding(results, qlabel, lost)])
 
 
 def _teacher_text(study: StudyRuns, teacher_value: float, qlabel: str, out: pd.DataFrame) -> str:
@@ -141,7 +140,7 @@ def _teacher_text(study: StudyRuns, teacher_value: float, qlabel: str, out: pd.D
     return text
 
 
-def _note(results: list[tuple[str, Comparison]], qlabel: str, teacher_text: str) -> str:
+def _note(results: list[tuple[str, Comparison]], qlabel: str, teacher_text: str, flags: list[str]) -> str:
     family = sum(c.verdict != TOO_FEW and np.isfinite(c.p_t) for _, c in results)
     parts = [
         f"Difference = KD − none in {qlabel} over the n seeds both ran (seed-paired), mean with a 95% "
@@ -166,6 +165,12 @@ def _note(results: list[tuple[str, Comparison]], qlabel: str, teacher_text: str)
             f"{', '.join(flat)}: the same difference on every seed, so no t-test (zero spread) and the "
             "verdict stays undecided; check that the seeds change the runs."
         )
+    parts.append(
+        "KD and none cells: mean ± std over finished seeds (n), with the seeds that diverged or failed; "
+        "tuning trials: the trials the study ran for the method and for none with this student."
+    )
+    if flags:
+        parts.append("Tuning budgets differ: " + " ".join(flags))
     return " ".join(parts)
 
 
@@ -178,8 +183,14 @@ def _count(k: int, noun: str) -> str:
     return f"{k} {noun}" if k == 1 else f"{k} {noun}s"
 
 
-def finding(results: list[tuple[str, Comparison]], qlabel: str) -> str:
-    """One plain sentence from the verdicts: which KD methods differ from no KD beyond seed noise."""
+def finding(results: list[tuple[str, Comparison]], qlabel: str, diverged: list[str] = ()) -> str:
+    """One plain sentence from the verdicts: which KD methods differ from no KD beyond seed noise (and
+    which diverged on every seed)."""
+    lost = f" {', '.join(diverged)}: no seed finished (diverged or failed), not compared." if diverged else ""
+    return _verdict_sentence(results, qlabel) + lost
+
+
+def _verdict_sentence(results: list[tuple[str, Comparison]], qlabel: str) -> str:
     if not results:
         return "No KD method has a no-KD baseline with the same student in this study, so none can be judged."
     judged = [(m, c) for m, c in results if c.verdict != TOO_FEW]

@@ -2,8 +2,12 @@
 
 A study lists its seeds (each trial trains every one), and a grid study may also put ``train.seed`` in its
 search; either way a group's observations are its finished seed runs, and every mean comes with the
-spread over those seeds and their number. Trials that were pruned or failed are left out of the groups
-(their seeds are incomplete); diverged trials stay in, so their diverged seeds can be shown as "Div.".
+spread over those seeds and their number. Pruned trials are left out of the groups (stopped on purpose);
+diverged and failed trials stay in, so their seeds are counted and shown ("Div.", "1 failed"), and a
+configuration with such a seed never ranks above one that finished all of its seeds.
+
+ms/image is a property of the student's architecture, not of a configuration: each group carries the
+median over every finished seed run with the same architecture (model.* params, input, device).
 """
 
 from __future__ import annotations
@@ -15,7 +19,10 @@ from harness.distill.base import temperature_keys
 from harness.report.load import StudyRuns
 
 NOT_CONFIG = {"name", "seed", "seeds", "train.seed", "train.device"}
-REPORTED_STATES = ("finished", "diverged")
+REPORTED_STATES = ("finished", "diverged", "failed")
+# what ms/image depends on besides the model: the input (source, size, classes) and the device
+ARCHITECTURE_PARAMS = ("model.", "data.source", "data.image_size", "data.binary", "data.augment.resize")
+NOT_ARCHITECTURE = ("weights", "encoder_weights")  # model.* keys that change the numbers, not the network
 SUMMARY_METRICS = (
     "val/miou",
     "test/miou",
@@ -62,8 +69,9 @@ def varying(frame: pd.DataFrame, keys: list[str] | None = None) -> list[str]:
 
 def build_groups(study: StudyRuns) -> pd.DataFrame:
     """One row per configuration: ``group``, the config values (``params.<key>``), ``trials`` (their
-    numbers), ``seeds_finished``, ``seeds_diverged``, the seed values, and for each summary metric
-    ``<metric>`` (mean over finished seeds), ``<metric> std`` (NaN for one seed) and ``<metric> n``."""
+    numbers), ``seeds_finished``, ``seeds_diverged``, ``seeds_failed``, ``complete`` (every trial
+    finished all its seeds), the seed values, and for each summary metric ``<metric>`` (mean over finished
+    seeds), ``<metric> std`` (NaN for one seed) and ``<metric> n``; ms/image is per architecture."""
     trials = study.trials[study.trials["state"].isin(REPORTED_STATES)]
     keys = config_keys(trials)
     ids: dict[tuple, int] = {}
@@ -85,6 +93,8 @@ def build_groups(study: StudyRuns) -> pd.DataFrame:
             "trials": sorted(int(n) for n in members["trial"].dropna()),
             "seeds_finished": len(done),
             "seeds_diverged": int((runs["state"] == "diverged").sum()),
+            "seeds_failed": int((runs["state"] == "failed").sum()),
+            "complete": bool((members["state"] == "finished").all()),
             "seed_values": sorted(int(s) for s in done["seed"].dropna()),
         }
         row["objective"] = _trial_mean(members, study.objective)
@@ -102,7 +112,37 @@ def build_groups(study: StudyRuns) -> pd.DataFrame:
     groups = pd.DataFrame(rows)
     if len(groups):
         groups["first_trial"] = groups["trials"].map(lambda t: min(t) if t else -1)
+        _latency_per_architecture(groups, seeds)
     return groups
+
+
+def architecture(frame: pd.DataFrame) -> pd.Series:
+    """A key per run: the params and device that ms/image depends on (not the weights, seed or KD)."""
+    cols = sorted(
+        c
+        for c in frame.columns
+        if c.startswith("params.")
+        and c.removeprefix("params.").startswith(ARCHITECTURE_PARAMS)
+        and c.rsplit(".", 1)[-1] not in NOT_ARCHITECTURE
+    )
+    cols += ["tags.device"] if "tags.device" in frame else []
+    if not cols:
+        return pd.Series("", index=frame.index)
+    return frame[cols].map(lambda v: str(_norm(v))).agg("|".join, axis=1)
+
+
+def _latency_per_architecture(groups: pd.DataFrame, seeds: pd.DataFrame) -> None:
+    """Replace each group's ms/image with the median over every finished seed run of its architecture."""
+    arch = architecture(seeds)
+    ms = pd.to_numeric(
+        seeds.get("metrics.ms_per_image", pd.Series(np.nan, index=seeds.index)), errors="coerce"
+    )
+    ms = ms.where(seeds["state"] == "finished")
+    for i, gid in zip(groups.index, groups["group"]):
+        values = ms[arch.isin(arch[seeds["group"] == gid])].dropna()
+        groups.at[i, "ms_per_image"] = values.median() if len(values) else np.nan
+        groups.at[i, "ms_per_image std"] = np.nan
+        groups.at[i, "ms_per_image n"] = len(values)
 
 
 def _trial_mean(members: pd.DataFrame, metric: str) -> float:
@@ -127,19 +167,23 @@ def group_seeds(study: StudyRuns, groups: pd.DataFrame) -> pd.DataFrame:
 
 def best_per(groups: pd.DataFrame, keys: list[str], objective: str, direction: str) -> pd.DataFrame:
     """For each combination of ``keys`` (dotted config keys), the group with the best mean objective over
-    its finished seeds (validation data: the test columns are then reported, not selected on)."""
+    its finished seeds (validation data: the test columns are then reported, not selected on). Groups that
+    finished all their seeds come first: a diverged or failed seed drops a configuration behind them."""
     done = groups[groups["seeds_finished"] > 0].copy()
     if not len(done):
         return done
     score = done["objective"] if "objective" in done else done[objective]
     done["_score"] = score if direction == "maximize" else -score
-    done = done.sort_values(["_score", "first_trial"], ascending=[False, True], na_position="last")
+    done["_complete"] = done["complete"] if "complete" in done else True
+    done = done.sort_values(
+        ["_complete", "_score", "first_trial"], ascending=[False, False, True], na_position="last"
+    )
     cols = [f"params.{k}" for k in keys]
     if not cols:
-        return done.head(1).drop(columns="_score")
+        return done.head(1).drop(columns=["_score", "_complete"])
     key_frame = done[cols].map(_norm).astype(str)
     best = done.loc[~key_frame.duplicated()]
-    return best.drop(columns="_score")
+    return best.drop(columns=["_score", "_complete"])
 
 
 def student_keys(groups: pd.DataFrame) -> list[str]:

@@ -1,8 +1,9 @@
 """Markdown output: a small table writer (pandas' to_markdown needs tabulate) and number formatting.
 
 Tables are built as plain frames (what the CSV files hold). For markdown, a column ``X`` with companions
-``X std`` and/or ``X n`` is shown as one cell "mean ± std (n=k)", so every mean carries its spread, and
-``X CI low`` / ``X CI high`` as "X [low, high]".
+``X std``, ``X n``, ``X div.`` and ``X failed`` is shown as one cell "mean ± std (n=k, 1 div., 1 failed)"
+(counts of 0 left out), so every mean carries its spread and the seeds behind it, and ``X CI low`` /
+``X CI high`` as "X [low, high]". A ``Div.`` or ``Failed`` cell keeps its counts.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import pandas as pd
 
 SIGNED = ("difference", "Δ", "gap closed")  # columns shown with an explicit sign
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)(e[+-]?\d+)?$")
-COMPANIONS = (" std", " n", " CI low", " CI high")  # merged into the column they follow
+COMPANIONS = (" std", " n", " CI low", " CI high", " div.", " failed")  # merged into the column they follow
+COUNTS = ((" div.", "div."), (" failed", "failed"))
+MARKERS = ("Div.", "Failed")  # a cell with no finished seed: shown with its counts
 
 
 @dataclass
@@ -62,27 +65,42 @@ def display(frame: pd.DataFrame) -> pd.DataFrame:
     for col in cols:
         if any(col.endswith(sfx) and col.removesuffix(sfx) in cols for sfx in COMPANIONS):
             continue
-        std, n, low, high = (f"{col}{sfx}" for sfx in COMPANIONS)
-        signed, pct = any(s in col for s in SIGNED), "%" in col
+        std, n, low, high = (f"{col}{sfx}" for sfx in COMPANIONS[:4])
         header = col
         if std in cols or n in cols:
             header = f"{col} (mean ± std{', n' if n in cols else ''})" if std in cols else f"{col} (n)"
         elif low in cols and high in cols:
             header = f"{col} [95% CI]"
-        cells = []
-        for idx in frame.index:
-            value = frame.at[idx, col]
-            text = number(value, signed, pct)
-            if text != "–" and not isinstance(value, str):
-                if std in cols and not pd.isna(frame.at[idx, std]):
-                    text += f" ± {number(frame.at[idx, std])}"
-                if n in cols and not pd.isna(frame.at[idx, n]):
-                    text += f" (n={int(frame.at[idx, n])})"
-                if low in cols and high in cols and not pd.isna(frame.at[idx, low]):
-                    text += f" [{number(frame.at[idx, low], signed, pct)}, {number(frame.at[idx, high], signed, pct)}]"
-            cells.append(text)
-        out[header] = cells
+        out[header] = [_cell(frame, idx, col) for idx in frame.index]
     return pd.DataFrame(out, index=frame.index)
+
+
+def _cell(frame: pd.DataFrame, idx, col: str) -> str:
+    cols = frame.columns
+    std, _, low, high = (f"{col}{sfx}" for sfx in COMPANIONS[:4])
+    signed, pct = any(s in col for s in SIGNED), "%" in col
+    value = frame.at[idx, col]
+    text = number(value, signed, pct)
+    numeric = text != "–" and not isinstance(value, str)
+    if numeric and std in cols and not pd.isna(frame.at[idx, std]):
+        text += f" ± {number(frame.at[idx, std])}"
+    if numeric or value in MARKERS:
+        text += _counts(frame, idx, col)
+    if numeric and low in cols and high in cols and not pd.isna(frame.at[idx, low]):
+        text += f" [{number(frame.at[idx, low], signed, pct)}, {number(frame.at[idx, high], signed, pct)}]"
+    return text
+
+
+def _counts(frame: pd.DataFrame, idx, col: str) -> str:
+    """ " (n=4, 1 div., 1 failed)": the seeds behind a cell; zero diverged or failed counts are left out."""
+    parts = []
+    if f"{col} n" in frame and not pd.isna(frame.at[idx, f"{col} n"]):
+        parts.append(f"n={int(frame.at[idx, f'{col} n'])}")
+    for sfx, word in COUNTS:
+        k = frame.at[idx, f"{col}{sfx}"] if f"{col}{sfx}" in frame else 0
+        if not pd.isna(k) and k > 0:
+            parts.append(f"{int(k)} {word}")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def md_table(frame: pd.DataFrame) -> str:
@@ -107,7 +125,7 @@ def _escape(text) -> str:
 
 def _looks_numeric(text: str) -> bool:
     head = text.split(" ")[0].replace(",", "").rstrip("%")
-    return head in ("–", "Div.") or bool(_NUMBER.match(head))
+    return head in ("–", *MARKERS) or bool(_NUMBER.match(head))
 
 
 def section(table: Table, level: int = 2, findings: bool = True) -> str:

@@ -3,7 +3,9 @@
 Which tables a study gets follows from what its trials vary: a method table when ``kd.method`` varies (or
 nothing does), a width table when ``model.width`` varies, temperature tables when the KD temperature does,
 a classification table when the runs have accuracy metrics. Rows that stand for a choice (a method, a
-width) show the configuration with the best validation objective among those tried for it.
+width) show the configuration with the best validation objective among those tried for it, preferring
+configurations that finished every seed; a choice none of whose configurations finished a seed shows as
+a ``Div.`` row. Quality cells carry their seed counts (``report/cells.py``).
 
 Every table function takes the same three inputs (the study's runs, its configurations pooled over seeds,
 and its seed runs) and returns None when the study has nothing for it; ``build.TABLES`` lists them.
@@ -16,7 +18,9 @@ import pandas as pd
 
 from harness.data.base import quality_metric
 from harness.distill.base import knob_labels, temperature_keys
-from harness.report.groups import best_per, student_keys, temperature, varying
+from harness.report.cells import LATENCY_NOTE, cell, stat, with_unfinished
+from harness.report.fairness import budgets, fairness_note, schedule, tuning_flags
+from harness.report.groups import REPORTED_STATES, best_per, student_keys, temperature, varying
 from harness.report.load import StudyRuns
 from harness.report.markdown import Table
 
@@ -29,6 +33,10 @@ LABELS = {
 }
 METRIC_LABELS = {"miou": "mIoU", "accuracy": "accuracy"}
 NON_TERMS = {"loss", "loss_final", "loss_best_epoch", "alpha", "beta"}
+SEEDS_NOTE = (
+    "mean ± std over the finished seeds (n); k div. / k failed: seeds that diverged or failed, left out "
+    "of the mean; Div. = no seed finished."
+)
 
 
 def label(key: str) -> str:
@@ -39,17 +47,6 @@ def quality_label(study: StudyRuns) -> str:
     return f"test {METRIC_LABELS[quality_metric(study.task)]}"
 
 
-def stat(
-    out: pd.DataFrame, rows: pd.DataFrame, metric: str, name: str, n: bool = False, std: bool = True
-) -> None:
-    """Copy a group metric's mean (and std, n) into ``out`` under a display name."""
-    out[name] = rows[metric].to_numpy() if metric in rows else np.nan
-    if std:
-        out[f"{name} std"] = rows[f"{metric} std"].to_numpy() if metric in rows else np.nan
-    if n:
-        out[f"{name} n"] = rows[f"{metric} n"].to_numpy() if metric in rows else 0
-
-
 def keys_frame(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return pd.DataFrame({label(k): rows[f"params.{k}"].to_numpy() for k in keys}, index=range(len(rows)))
 
@@ -58,35 +55,48 @@ def trials_text(rows: pd.DataFrame) -> list[str]:
     return [", ".join(map(str, t)) for t in rows["trials"]]
 
 
+def row_name(row: pd.Series, keys: list[str]) -> str:
+    """A row's method with its student, e.g. "response (k=2)"."""
+    if not keys:
+        return str(row["method"])
+    values = ", ".join(f"{label(k)}={row['params.' + k]}" for k in keys)
+    return f"{row['method']} ({values})"
+
+
 def method_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) -> Table | None:
     if "kd.method" not in varying(groups) and varying(groups):
         return None
     keys = ["kd.method", *student_keys(groups)]
-    rows = best_per(groups, keys, study.objective, study.direction)
+    rows = with_unfinished(best_per(groups, keys, study.objective, study.direction), groups, keys)
     rows = rows.sort_values(["method", *[f"params.{k}" for k in keys[1:]]], key=_method_order)
     out = keys_frame(rows, keys)
     stat(out, rows, study.quality, quality_label(study), n=True)
     stat(out, rows, "params", "# parameters", std=False)
     if rows["kd_params"].fillna(0).gt(0).any():
         stat(out, rows, "kd_params", "KD parameters (training only)", std=False)
-    stat(out, rows, "ms_per_image", "ms/image")
+    stat(out, rows, "ms_per_image", "ms/image", std=False)
     stat(out, rows, "train_ms_per_image", "training ms/image")
+    mine, none = budgets(study, rows, keys)
+    out["tuning trials"] = mine
+    out["schedule"] = [schedule(r) for _, r in rows.iterrows()]
     out["trial #"] = trials_text(rows)
-    return Table(
-        "methods",
-        "Methods",
-        out,
+    names = [row_name(r, keys[1:]) for _, r in rows.iterrows()]
+    flags = tuning_flags(names, list(rows["method"]), mine, none)
+    note = (
         f"One row per KD method{' and student' if len(keys) > 1 else ''}: "
-        f"the configuration with the best mean {study.objective} among those tried; "
-        f"mean ± std over seeds, n = seeds. ms/image: inference, batch of one.",
+        f"the configuration with the best mean {study.objective} among those tried (configurations that "
+        f"finished every seed first); {SEEDS_NOTE} Tuning trials: the trials the study ran for that "
+        f"method and student, in any state. {LATENCY_NOTE}"
     )
+    fair = fairness_note(list(out["schedule"]), flags)
+    return Table("methods", "Methods", out, f"{note} {fair}" if fair else note)
 
 
 def width_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) -> Table | None:
     if "model.width" not in varying(groups):
         return None
     keys = ["model.width", *(["kd.method"] if "kd.method" in varying(groups) else [])]
-    rows = best_per(groups, keys, study.objective, study.direction)
+    rows = with_unfinished(best_per(groups, keys, study.objective, study.direction), groups, keys)
     rows = rows.sort_values(
         [f"params.{k}" for k in keys], ascending=[False, *[True] * (len(keys) - 1)], key=_method_order
     )
@@ -102,7 +112,7 @@ def width_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) -> 
         "Student width",
         out,
         "Seed 002 Table 1 layout: k = channels of the first stage. "
-        "Train loss is the training loss at the best-validation epoch; best epoch counts from 0.",
+        f"Train loss is the training loss at the best-validation epoch; best epoch counts from 0. {SEEDS_NOTE}",
     )
 
 
@@ -114,29 +124,14 @@ def temperature_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFram
     extra = ["kd.method"] if temps["method"].nunique() > 1 else []
     records = []
     for (t, *rest), at_t in temps.groupby(["_T", *[f"params.{k}" for k in extra]], sort=True):
-        rows = best_per(at_t, [], study.objective, study.direction)
+        best = with_unfinished(best_per(at_t, [], study.objective, study.direction), at_t, []).iloc[0]
         finished = int((at_t["seeds_finished"] > 0).sum())
         diverged = int((at_t["seeds_diverged"] > 0).sum())
         rec = {"T": t, **{label(k): v for k, v in zip(extra, rest)}}
-        if len(rows):
-            best = rows.iloc[0]
-            for metric, name in (("test/loss", "test loss"), (study.quality, quality_label(study))):
-                rec[name], rec[f"{name} std"], rec[f"{name} n"] = (
-                    best[metric],
-                    best[f"{metric} std"],
-                    best[f"{metric} n"],
-                )
-            rec["best epoch"], rec["best epoch std"] = best["best_epoch"], best["best_epoch std"]
-            rec["trial #"] = ", ".join(map(str, best["trials"]))
-        else:
-            rec.update(
-                {
-                    "test loss": "Div.",
-                    quality_label(study): "Div.",
-                    "best epoch": np.nan,
-                    "trial #": ", ".join(str(t) for ts in at_t["trials"] for t in ts),
-                }
-            )
+        for metric, name in (("test/loss", "test loss"), (study.quality, quality_label(study))):
+            rec.update(cell(best, metric, name))
+        rec["best epoch"], rec["best epoch std"] = best["best_epoch"], best["best_epoch std"]
+        rec["trial #"] = ", ".join(map(str, best["trials"]))
         rec["configs (finished / with diverged seeds / all)"] = f"{finished} / {diverged} / {len(at_t)}"
         records.append(rec)
     out = pd.DataFrame(records)
@@ -146,7 +141,7 @@ def temperature_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFram
         out,
         "Seed 002 Table 2 layout: for each temperature the "
         f"configuration with the best mean {study.objective}; Div. = every configuration at that "
-        "temperature diverged (training loss not finite).",
+        f"temperature diverged (training loss not finite). {SEEDS_NOTE}",
     )
 
 
@@ -179,14 +174,15 @@ def seeds_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) -> 
         "Test loss per seed and temperature",
         out,
         "Seed 002 Table 3 layout: one row per configuration, one column per seed; "
-        "Div. = that seed's training diverged.",
+        f"Div. = that seed's training diverged. Test loss: {SEEDS_NOTE}",
     )
 
 
 def classification_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) -> Table | None:
     if study.task != "classification":
         return None
-    rows = best_per(groups, ["data.source", "kd.method"], study.objective, study.direction)
+    keys = ["data.source", "kd.method"]
+    rows = with_unfinished(best_per(groups, keys, study.objective, study.direction), groups, keys)
     rows = rows.sort_values(["params.data.source", "method"], key=_method_order)
     out = pd.DataFrame(
         {
@@ -203,7 +199,7 @@ def classification_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataF
         "classification",
         "Classification",
         out,
-        "Seed 003 layout. Loss used: the method and the loss terms its training logged.",
+        f"Seed 003 layout. Loss used: the method and the loss terms its training logged. {SEEDS_NOTE}",
     )
 
 
@@ -219,24 +215,30 @@ def loss_used(seeds: pd.DataFrame, method: str) -> str:
 
 
 def best_trials_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame, top: int = 5) -> Table:
-    done = study.trials[study.trials["state"] == "finished"].copy()
     obj = f"metrics.{study.objective}"
-    done = done.sort_values(obj, ascending=study.direction == "minimize").head(top)
+    done = study.trials[study.trials["state"].isin(REPORTED_STATES)].copy()
+    done = done[pd.to_numeric(done.get(obj, pd.Series(np.nan, index=done.index)), errors="coerce").notna()]
+    done["_complete"] = done["state"] == "finished"
+    done = done.sort_values(["_complete", obj], ascending=[False, study.direction == "minimize"]).head(top)
     out = pd.DataFrame({"trial": done["trial"].astype(int).to_numpy()})
+    n_seeds = pd.to_numeric(done.get("metrics.n_seeds", np.nan), errors="coerce")
+    states = [study.seeds.loc[study.seeds["trial_run"] == r, "state"] for r in done["run_id"]]
     for metric in dict.fromkeys([study.objective, study.quality]):
         out[metric] = done.get(f"metrics.{metric}", np.nan).to_numpy()
-        n_seeds = pd.to_numeric(done.get("metrics.n_seeds", np.nan), errors="coerce")
         std = pd.to_numeric(done.get(f"metrics.{metric}_std", np.nan), errors="coerce")
         out[f"{metric} std"] = std.where(n_seeds > 1).to_numpy()  # one seed: no spread, not a spread of 0
         out[f"{metric} n"] = n_seeds.to_numpy()
+        out[f"{metric} div."] = [int((s == "diverged").sum()) for s in states]
+        out[f"{metric} failed"] = [int((s == "failed").sum()) for s in states]
     for col in sorted(c for c in done.columns if c.startswith("params.search.")):
         out[label(col.removeprefix("params.search."))] = done[col].to_numpy()
     return Table(
         "best_trials",
         "Best trials",
         out,
-        f"Finished trials ranked by {study.objective} ({study.direction}; top {top}), "
-        "with the values the sampler chose; mean ± std over each trial's seeds.",
+        f"Trials ranked by {study.objective} ({study.direction}; top {top}), those that finished every "
+        "seed first, with the values the sampler chose; mean ± std over each trial's finished seeds (n), "
+        "k div. / k failed: its seeds that diverged or failed.",
     )
 
 
