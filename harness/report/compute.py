@@ -59,16 +59,15 @@ def used_cache(rows: pd.DataFrame, seeds: pd.DataFrame) -> np.ndarray:
     return rows["group"].isin(users).to_numpy()
 
 
-def spread_finding(out: pd.DataFrame) -> list[str]:
+def spread(out: pd.DataFrame) -> str:
     flops = out["train FLOPs"].dropna()
     if len(flops) < 2 or flops.min() <= 0:
-        return []
-    spread = 100 * (flops.max() / flops.min() - 1)
+        return ""
     epochs = out["epochs run"].dropna()
-    return [
-        f"Training FLOPs of the {len(flops)} rows lie within {spread:.1f}% of each other; they ran "
-        f"{number(epochs.min())} to {number(epochs.max())} epochs."
-    ]
+    return (
+        f" Training FLOPs of the {len(flops)} rows lie within {100 * (flops.max() / flops.min() - 1):.1f}% "
+        f"of each other; they ran {number(epochs.min())} to {number(epochs.max())} epochs."
+    )
 
 
 def compute_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) -> Table | None:
@@ -96,14 +95,11 @@ def compute_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) -
         "equal_compute",
         "At equal compute",
         out,
-        (
-            f"Every run trained under a budget of {budget} per run"
-            if budget
-            else "Runs trained under the budgets"
-        )
-        + f" ({label('kd.method')} rows: the configuration with the best mean {study.objective}); mean ± std "
-        "over seeds. Train FLOPs: student forward + backward (3 x forward), the KD method's own modules and "
-        "a live teacher's forward, over the steps taken. Teacher cache share: the one-off teacher forward "
-        "over the training set, outside the budget, divided over the runs that used the cache.",
-        spread_finding(out),
+        f"One row per {' and '.join(label(k) for k in row_keys)}: the configuration with the best mean "
+        f"{study.objective}"
+        + (f"; every run trained under a budget of {budget}" if budget else "")
+        + ". Mean ± std over seeds. Train FLOPs: the student's forward and backward (3 x forward), the KD "
+        "method's own modules and a live teacher's forward, over the steps taken. Teacher cache share: the "
+        "one-off teacher forward over the training set, outside the budget, divided over the runs that used "
+        "the cache." + spread(out),
     )
