@@ -25,6 +25,20 @@ from harness.models import MODELS
 DISCRIMINATED_BLOCKS = {"data": DATA, "model": MODELS, "kd": KD_METHODS}
 
 
+class BudgetConfig(BaseModel):
+    """A compute budget that ends training when spent; ``train.epochs`` stays the upper bound."""
+
+    model_config = ConfigDict(extra="forbid")
+    flops: float | None = Field(None, gt=0, description="training FLOPs (docs: README, Equal compute)")
+    seconds: float | None = Field(None, gt=0, description="wall seconds of training steps")
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        if (self.flops is None) == (self.seconds is None):
+            raise ValueError("give exactly one of flops or seconds, e.g. {flops: 2.0e12}")
+        return self
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     epochs: int = Field(8, ge=0, description="0: evaluate the given model.weights as they are, no training")
@@ -37,6 +51,7 @@ class TrainConfig(BaseModel):
     step_size: int = Field(25, ge=1, description="step scheduler: epochs between decays")
     gamma: float = Field(0.1, gt=0, le=1, description="step/plateau scheduler: decay factor")
     class_weights: Literal["none", "inverse_freq"] | list[float] = "none"
+    budget: BudgetConfig | None = Field(None, description="end training when this compute is spent")
     early_stopping: int | None = Field(
         None, ge=1, description="stop after this many epochs without val improvement"
     )
@@ -70,6 +85,8 @@ class ExperimentConfig(BaseModel):
         """Stable digest of everything that determines the trained weights (not the run's name)."""
         payload = self.model_dump(mode="json", exclude={"name"})
         payload["train"].pop("device", None)
+        if payload["train"].get("budget", 0) is None:
+            del payload["train"]["budget"]  # runs from before budgets existed keep their hash (teachers)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def flat(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from torch import nn
 from harness.data.base import DataSplits, TensorSplit, quality_metric
 from harness.data.loader import iterate_batches
 from harness.distill.base import Distiller, KDBatch
+from harness.engine.compute import Meter, StepCost, budget_lr, epoch_batches
 from harness.engine.evaluate import evaluate
 from harness.models.taps import FeatureTap
 
@@ -31,6 +32,7 @@ class FitResult:
     best_val: dict[str, float] = field(default_factory=dict)
     train_images_per_s: float = 0.0
     step_seconds: float = 0.0  # wall time inside training and evaluation steps
+    compute: dict[str, float] = field(default_factory=dict)  # train_flops, train_seconds, ... (Meter)
     diverged_at: int | None = None
 
 
@@ -83,6 +85,8 @@ def build_optimizer(params, cfg):
 
 
 def build_scheduler(optimizer, cfg):
+    if cfg.scheduler == "cosine" and cfg.budget is not None:
+        return None  # laid over the budget per step instead (compute.budget_lr)
     if cfg.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     if cfg.scheduler == "step":
@@ -104,13 +108,20 @@ class Step:
     autocast: Callable
     generator: torch.Generator
     drop_last: bool
+    meter: Meter
+    set_lr: Callable[[float], None] | None = None  # a learning rate laid over a compute budget
+
+
+def kd_on(cfg, distiller: Distiller, epoch: int) -> bool:
+    """Whether the KD terms (and so the teacher) run in this epoch."""
+    return cfg.kd.weights(epoch)[1] > 0 and distiller.needs_teacher
 
 
 def train_epoch(model: nn.Module, data: DataSplits, cfg, step: Step, epoch: int, device) -> tuple[dict, int]:
     """One pass over the training split. Returns the mean of each loss term (``train/<term>``, read from the
     device once) and the number of images seen."""
     alpha, beta = cfg.kd.weights(epoch)
-    use_teacher = beta > 0 and step.distiller.needs_teacher
+    use_teacher = kd_on(cfg, step.distiller, epoch)
     model.train()
     step.distiller.train()
     sums: dict[str, torch.Tensor] = {}
@@ -141,6 +152,11 @@ def train_epoch(model: nn.Module, data: DataSplits, cfg, step: Step, epoch: int,
             sums[name] = sums.get(name, 0) + value.detach().float()
         n_batches += 1
         images += len(x)
+        step.meter.add(len(x))
+        if step.set_lr:
+            step.set_lr(step.meter.progress())
+        if step.meter.spent:
+            break
     means = (torch.stack(list(sums.values())) / n_batches).tolist()
     return {f"train/{k}": v for k, v in zip(sums, means)}, images
 
@@ -168,13 +184,15 @@ def fit(
     teacher=None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     progress=None,
+    cost: StepCost | None = None,
 ) -> FitResult:
     """Train ``model`` per ``cfg`` (an ExperimentConfig). ``teacher`` serves (logits, features) per batch.
 
     ``on_epoch(epoch, metrics)`` is called after each epoch's validation; it may raise to stop training
     (the study driver prunes this way). ``progress(epoch, metrics)`` updates a display. The model ends with
-    the weights of its best validation epoch. With ``train.epochs: 0`` the model is validated once as it is
-    and that is reported as the best, at epoch -1 (before any training), with an empty history.
+    the weights of its best validation epoch. ``cost`` prices a training step (train_flops, FLOPs budgets).
+    With ``train.epochs: 0`` the model is validated once as it is and that is reported as the best, at
+    epoch -1 (before any training), with an empty history.
     """
     tc = cfg.train
     autocast = autocast_factory(device, tc.amp)
@@ -186,8 +204,12 @@ def fit(
     key = quality_metric(data.task)
     result = FitResult(state="finished")
     best_value, best_state, stale = -math.inf, None, 0
-    images_seen, train_seconds = 0, 0.0
+    images_seen = 0
     tap = FeatureTap(model, distiller.student_layers)
+    drop_last = len(data.train) > tc.batch_size  # a last batch of one breaks batch norm in training mode
+    kd_epochs = [kd_on(cfg, distiller, e) for e in range(tc.epochs)]
+    batches = epoch_batches(len(data.train), tc.batch_size, drop_last)
+    meter = Meter(tc.budget, cost or StepCost(0.0), batches, kd_epochs, device)
     step = Step(
         optimizer,
         distiller,
@@ -196,13 +218,15 @@ def fit(
         class_weights(tc.class_weights, data, device),
         autocast,
         torch.Generator().manual_seed(tc.seed),
-        drop_last=len(data.train) > tc.batch_size,  # a last batch of one breaks batch norm in training mode
+        drop_last,
+        meter,
+        budget_lr(optimizer, tc),
     )
     with tap:
         for epoch in range(tc.epochs):
-            start = time.perf_counter()
+            meter.start_epoch(kd_epochs[epoch])
             train_metrics, images = train_epoch(model, data, cfg, step, epoch, device)
-            train_seconds += time.perf_counter() - start
+            meter.end_epoch()
             images_seen += images
             if not all(math.isfinite(v) for v in train_metrics.values()):
                 result.state, result.diverged_at = "diverged", epoch
@@ -230,11 +254,12 @@ def fit(
                 scheduler.step(val[key])
             elif scheduler is not None:
                 scheduler.step()
-            if tc.early_stopping and stale >= tc.early_stopping:
+            if meter.spent or (tc.early_stopping and stale >= tc.early_stopping):
                 break
 
-    result.step_seconds += train_seconds
-    result.train_images_per_s = images_seen / train_seconds if train_seconds else 0.0
+    result.step_seconds += meter.seconds
+    result.train_images_per_s = images_seen / meter.seconds if meter.seconds else 0.0
+    result.compute = meter.metrics()
     if best_state is not None:
         model.load_state_dict(best_state)
     return result

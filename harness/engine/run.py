@@ -24,6 +24,7 @@ from harness.config import ExperimentConfig
 from harness.data import load_data
 from harness.data.base import DataSplits, TensorSplit
 from harness.distill import KD_METHODS
+from harness.engine.compute import measure_step_cost, teacher_cache_flops
 from harness.engine.evaluate import count_flops, evaluate, ms_per_image
 from harness.engine.fit import FitResult, autocast_factory, fit, resolve_device
 from harness.engine.teacher import CHECKPOINT_NAME, checkpoint_payload, freeze, load_teacher, serve_teacher
@@ -171,6 +172,10 @@ def run_experiment(
         prep = distiller.prepare(_teacher_batches(server, data, cfg, device), device) if server else {}
         sizes = {"params": count_parameters(model), "kd_params": distiller.extra_parameters()}
         run.log_metrics({**sizes, **prep})
+        cost = measure_step_cost(model, distiller, server, teacher, data, cfg.train.batch_size, device)
+        cache_flops = teacher_cache_flops(served, teacher, data, device)
+        if cache_flops is not None:
+            sizes["teacher_cache_flops"] = cache_flops
 
         def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
             run.log_metrics(metrics, step=epoch)
@@ -186,11 +191,14 @@ def run_experiment(
             teacher=server,
             on_epoch=log_epoch,
             progress=progress,
+            cost=cost,
         )
+        sizes.update(result.compute)
         if result.state == "diverged":
             run.log_metrics(
                 {k: v for k, v in result.history[-1].items() if k != "epoch"}, step=result.diverged_at
             )
+            run.log_metrics(sizes)
             run.set_tags({"failure": f"diverged: training loss not finite at epoch {result.diverged_at}"})
             run.end("diverged")
             return Outcome(run.id, "diverged", {}, result.step_seconds + cache_seconds)

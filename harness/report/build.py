@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from harness.report.compare import baseline_table
+from harness.report.compute import compute_table
 from harness.report.figures import make_plots
 from harness.report.groups import build_groups, group_seeds, varying
 from harness.report.load import ReportError, StudyRuns, load_study
@@ -90,6 +91,7 @@ def parent_importances(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFra
 TABLES = (
     baseline_table,
     method_table,
+    compute_table,
     width_table,
     temperature_table,
     seeds_table,

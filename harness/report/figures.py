@@ -10,6 +10,7 @@ import pandas as pd
 
 from harness.distill.base import temperature_keys
 from harness.report import plots
+from harness.report.compute import seed_mean
 from harness.report.groups import best_per, group_seeds, student_keys, temperature, varying
 from harness.report.load import curves
 from harness.report.markdown import number
@@ -40,10 +41,21 @@ def make_plots(report, tracker: Tracker, folder: Path) -> list[tuple[str, str]]:
             "ms_per_image": done["ms_per_image"],
         }
     )
+    points["train_flops"] = done["group"].map(seed_mean(group_seeds(study, done), "train_flops")).to_numpy()
+    costs = plots.PARETO_COSTS
+    if points["train_flops"].notna().any():
+        costs += (("train_flops", "training FLOPs (per run)"),)
     plots.pareto(
-        points, q, ylabel, folder / "pareto.png", teacher, title=f"{study.name}: {ylabel} against cost"
+        points,
+        q,
+        ylabel,
+        folder / "pareto.png",
+        teacher,
+        title=f"{study.name}: {ylabel} against cost",
+        costs=costs,
     )
-    images.append((f"{ylabel} against parameters and ms/image (Pareto front dashed)", "pareto.png"))
+    what = " and ".join([", ".join(label for _, label in costs[:-1]), costs[-1][1]])
+    images.append((f"{ylabel} against {what} (Pareto front dashed)", "pareto.png"))
     vary = varying(groups)
     if "model.width" in vary:
         rows = best_per(groups, ["model.width", "kd.method"], study.objective, study.direction)

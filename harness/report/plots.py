@@ -32,17 +32,24 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
+PARETO_COSTS = (("params", "parameters"), ("ms_per_image", "ms/image (inference)"))
+
+
 def pareto(
-    points: pd.DataFrame, quality: str, ylabel: str, path: Path, teacher: dict | None = None, title: str = ""
+    points: pd.DataFrame,
+    quality: str,
+    ylabel: str,
+    path: Path,
+    teacher: dict | None = None,
+    title: str = "",
+    costs: tuple[tuple[str, str], ...] = PARETO_COSTS,
 ) -> Path:
-    """``points``: one row per configuration with ``label``, ``quality``, ``quality std``, ``params`` and
-    ``ms_per_image``. Two panels (parameters, ms/image); the front (higher quality at no higher cost) is
-    drawn as a step line through ringed points."""
-    fig = Figure(figsize=(11, 4.4))
+    """``points``: one row per configuration with ``label``, ``quality``, ``quality std`` and a column per
+    cost. One panel per cost (column, axis label); the front (higher quality at no higher cost) is drawn as
+    a step line through ringed points."""
+    fig = Figure(figsize=(5.5 * len(costs), 4.4))
     colors = _colors(points["label"])
-    for ax, cost, xlabel in zip(
-        fig.subplots(1, 2), ("params", "ms_per_image"), ("parameters", "ms/image (inference)")
-    ):
+    for ax, (cost, xlabel) in zip(np.atleast_1d(fig.subplots(1, len(costs))), costs):
         for lab in colors:
             sub = points[points["label"] == lab]
             ax.errorbar(
