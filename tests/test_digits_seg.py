@@ -1,7 +1,10 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from pydantic import ValidationError
 
 from harness.data import IGNORE_INDEX, load_data
@@ -94,3 +97,14 @@ def test_digits_per_canvas_bounds():
     # two digits pasted: the distinct digit classes present are 1 or 2
     n_classes = [len(set(t.unique().tolist()) - {0, IGNORE_INDEX}) for t in y]
     assert all(1 <= n <= 2 for n in n_classes) and max(n_classes) == 2
+
+
+def test_teachers_and_students_on_digits_seg_see_the_same_data():
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    blocks = {}
+    for path in sorted(root.rglob("*.yaml")):
+        data = yaml.safe_load(path.read_text())["data"]
+        if data["source"] == "digits_seg":
+            blocks[path.relative_to(root).as_posix()] = DigitsSegConfig(**data)
+    assert {"digits_seg.yaml", "teachers/unet16_digits.yaml", "teachers/unet4_digits.yaml"} <= set(blocks)
+    assert len(set(map(str, blocks.values()))) == 1, blocks
