@@ -99,12 +99,16 @@ def test_digits_per_canvas_bounds():
     assert all(1 <= n <= 2 for n in n_classes) and max(n_classes) == 2
 
 
-def test_teachers_and_students_on_digits_seg_see_the_same_data():
-    root = Path(__file__).resolve().parents[1] / "experiments"
-    blocks = {}
-    for path in sorted(root.rglob("*.yaml")):
-        data = yaml.safe_load(path.read_text())["data"]
-        if data["source"] == "digits_seg":
-            blocks[path.relative_to(root).as_posix()] = DigitsSegConfig(**data)
-    assert {"digits_seg.yaml", "teachers/unet16_digits.yaml", "teachers/unet4_digits.yaml"} <= set(blocks)
-    assert len(set(map(str, blocks.values()))) == 1, blocks
+def test_every_study_gives_its_teacher_and_students_the_same_data():
+    root = Path(__file__).resolve().parents[1]
+    pairs = 0
+    for path in sorted((root / "studies").glob("*.yaml")):
+        study = yaml.safe_load(path.read_text())
+        if not str(study.get("teacher", "")).endswith(".yaml"):
+            continue
+        student, teacher = (yaml.safe_load((root / study[k]).read_text()) for k in ("experiment", "teacher"))
+        data = {**student["data"]}
+        data.update({k[5:]: v for k, v in (study.get("fixed") or {}).items() if k.startswith("data.")})
+        assert data == teacher["data"], path.name
+        pairs += student["data"]["source"] == "digits_seg"
+    assert pairs >= 3
