@@ -15,7 +15,7 @@ import pandas as pd
 from harness.report.groups import best_per, student_keys, varying
 from harness.report.load import StudyRuns
 from harness.report.markdown import Table, number
-from harness.report.tables import _method_order, keys_frame, label, quality_label, stat, trials_text
+from harness.report.tables import method_order, keys_frame, label, quality_label, stat, trials_text
 
 BUDGET_KEYS = ("train.budget.flops", "train.budget.seconds")
 UNITS = {"train.budget.flops": "training FLOPs", "train.budget.seconds": "seconds of training steps"}
@@ -79,7 +79,7 @@ def compute_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) -
     rows = best_per(budgeted, row_keys, study.objective, study.direction)
     if not len(rows):
         return None
-    rows = rows.sort_values(["method", *[f"params.{k}" for k in row_keys[1:]]], key=_method_order)
+    rows = rows.sort_values(["method", *[f"params.{k}" for k in row_keys[1:]]], key=method_order)
     out = keys_frame(rows, row_keys)
     stat(out, rows, study.quality, quality_label(study), n=True)
     stat(out, rows, "epochs_run", "epochs run")

@@ -68,7 +68,7 @@ def method_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) ->
         return None
     keys = ["kd.method", *student_keys(groups)]
     rows = with_unfinished(best_per(groups, keys, study.objective, study.direction), groups, keys)
-    rows = rows.sort_values(["method", *[f"params.{k}" for k in keys[1:]]], key=_method_order)
+    rows = rows.sort_values(["method", *[f"params.{k}" for k in keys[1:]]], key=method_order)
     out = keys_frame(rows, keys)
     stat(out, rows, study.quality, quality_label(study), n=True)
     stat(out, rows, "params", "# parameters", std=False)
@@ -98,7 +98,7 @@ def width_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) -> 
     keys = ["model.width", *(["kd.method"] if "kd.method" in varying(groups) else [])]
     rows = with_unfinished(best_per(groups, keys, study.objective, study.direction), groups, keys)
     rows = rows.sort_values(
-        [f"params.{k}" for k in keys], ascending=[False, *[True] * (len(keys) - 1)], key=_method_order
+        [f"params.{k}" for k in keys], ascending=[False, *[True] * (len(keys) - 1)], key=method_order
     )
     out = keys_frame(rows, keys)
     stat(out, rows, "params", "parameters", std=False)
@@ -183,7 +183,7 @@ def classification_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataF
         return None
     keys = ["data.source", "kd.method"]
     rows = with_unfinished(best_per(groups, keys, study.objective, study.direction), groups, keys)
-    rows = rows.sort_values(["params.data.source", "method"], key=_method_order)
+    rows = rows.sort_values(["params.data.source", "method"], key=method_order)
     out = pd.DataFrame(
         {
             "dataset": rows["params.data.source"].to_numpy(),
@@ -248,7 +248,7 @@ def importance_table(importances: dict[str, float], source: str) -> Table:
     return Table("importances", "Parameter importances", out, source)
 
 
-def _method_order(col: pd.Series) -> pd.Series:
+def method_order(col: pd.Series) -> pd.Series:
     """Sort key: the no-KD baseline first, then alphabetical; numbers sort as numbers."""
     if col.name in ("method", "params.kd.method"):
         return col.map(lambda m: (m != "none", str(m)))
