@@ -15,7 +15,7 @@ import pandas as pd
 from harness.report.groups import best_per, student_keys, varying
 from harness.report.load import StudyRuns
 from harness.report.markdown import Table, number
-from harness.report.tables import method_order, keys_frame, label, quality_label, stat, trials_text
+from harness.report.tables import keys_frame, label, method_order, quality_label, stat, trials_text
 
 BUDGET_KEYS = ("train.budget.flops", "train.budget.seconds")
 UNITS = {"train.budget.flops": "training FLOPs", "train.budget.seconds": "seconds of training steps"}
