@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from harness.report.cells import cell, marker, with_unfinished
-from harness.report.fairness import budgets, tuning_flags
+from harness.report.fairness import budgets, fairness_note, tuning_flags
 from harness.report.groups import _norm, best_per, student_keys
 from harness.report.load import StudyRuns
 from harness.report.markdown import Table, number
@@ -169,9 +169,8 @@ def _note(results: list[tuple[str, Comparison]], qlabel: str, teacher_text: str,
         "KD and none cells: mean ± std over finished seeds (n), with the seeds that diverged or failed; "
         "tuning trials: the trials the study ran for the method and for none with this student."
     )
-    if flags:
-        parts.append("Tuning budgets differ: " + " ".join(flags))
-    return " ".join(parts)
+    parts.append(fairness_note([], flags))
+    return " ".join(p for p in parts if p)
 
 
 def _seeds_text(results: list[tuple[str, Comparison]]) -> str:
