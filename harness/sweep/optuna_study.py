@@ -27,6 +27,7 @@ from harness.sweep.leases import recover_dead_trials
 optuna.logging.set_verbosity(optuna.logging.ERROR)  # our display reports trial outcomes
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 warnings.filterwarnings("ignore", message="Target and region quantiles")
+warnings.filterwarnings("ignore", message="Some regimes for parameter")  # importances from few trials
 
 DEFAULT_JOURNAL = "mlruns/optuna/journal.log"
 JOURNAL_LOCK_GRACE = 30  # seconds without journal writes before a lock is taken to be stale
