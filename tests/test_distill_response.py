@@ -12,22 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.distill import KD_METHODS, KDBatch
+from harness.distill import KD_METHODS
+from tests.kd_helpers import batch, build_logit_method, rand
 
 
 def build(**kw):
-    d = KD_METHODS.build(KD_METHODS.config_class("response")(**kw))
-    d.choose_layers(["a"], ["b"])
-    d.setup({}, {})
-    return d
-
-
-def rand(*shape, seed=0, grad=False):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).requires_grad_(grad)
-
-
-def batch(s, t):
-    return KDBatch(student_logits=s, targets=torch.zeros(len(s), dtype=torch.long), teacher_logits=t)
+    return build_logit_method("response", **kw)
 
 
 def kl_loop(s, t, T):
