@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.data import DATA
 from harness.distill import KD_METHODS
@@ -39,6 +39,10 @@ class BudgetConfig(BaseModel):
         return self
 
 
+# Validation metrics that can choose the best epoch (train.select_on); those ending in "loss" are minimised.
+SELECTABLE = ("val/miou", "val/pixel_acc", "val/accuracy", "val/loss")
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     epochs: int = Field(8, ge=0, description="0: evaluate the given model.weights as they are, no training")
@@ -55,6 +59,10 @@ class TrainConfig(BaseModel):
     early_stopping: int | None = Field(
         None, ge=1, description="stop after this many epochs without val improvement"
     )
+    select_on: str | None = Field(
+        None,
+        description="val metric for the best epoch, early stopping and plateau; None: the task's quality metric",
+    )
     seed: int = 0
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
@@ -62,6 +70,13 @@ class TrainConfig(BaseModel):
     compile: bool = False
     teacher_cache: bool = Field(True, description="compute the teacher's outputs once when inputs are fixed")
     teacher_cache_gb: float = Field(4.0, gt=0, description="largest teacher cache to keep on the device")
+
+    @field_validator("select_on")
+    @classmethod
+    def _selectable(cls, v: str | None) -> str | None:
+        if v is not None and v not in SELECTABLE:
+            raise ValueError(f"unknown metric {v!r}; use one of {list(SELECTABLE)}")
+        return v
 
 
 class ExperimentConfig(BaseModel):
@@ -85,8 +100,9 @@ class ExperimentConfig(BaseModel):
         """Stable digest of everything that determines the trained weights (not the run's name)."""
         payload = self.model_dump(mode="json", exclude={"name"})
         payload["train"].pop("device", None)
-        if payload["train"].get("budget", 0) is None:
-            del payload["train"]["budget"]  # runs from before budgets existed keep their hash (teachers)
+        for key in ("budget", "select_on"):  # runs from before these existed keep their hash (teachers)
+            if payload["train"].get(key, 0) is None:
+                del payload["train"][key]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def flat(self) -> dict[str, Any]:

@@ -84,7 +84,34 @@ def build_optimizer(params, cfg):
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def build_scheduler(optimizer, cfg):
+@dataclass(frozen=True)
+class Selection:
+    """The validation metric that picks the best epoch, stops early and drives the plateau scheduler."""
+
+    key: str  # a key of evaluate()'s result: miou, accuracy, loss, ...
+    minimise: bool
+
+    def better(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        return value < best if self.minimise else value > best
+
+
+def selection(train_cfg, task: str) -> Selection:
+    """``train.select_on`` (or the task's quality metric), checked against what the task's evaluation logs."""
+    name = train_cfg.select_on or f"val/{quality_metric(task)}"
+    key = name.removeprefix("val/")
+    logged = ("loss", "miou", "pixel_acc") if task == "segmentation" else ("loss", "accuracy")
+    if key not in logged:
+        from harness.errors import ConfigError
+
+        raise ConfigError(
+            f"train.select_on is {name!r} but {task} runs log {['val/' + k for k in logged]}; use one of those"
+        )
+    return Selection(key, key.endswith("loss"))
+
+
+def build_scheduler(optimizer, cfg, select: Selection):
     if cfg.scheduler == "cosine" and cfg.budget is not None:
         return None  # laid over the budget per step instead (compute.budget_lr)
     if cfg.scheduler == "cosine":
@@ -92,7 +119,8 @@ def build_scheduler(optimizer, cfg):
     if cfg.scheduler == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
     if cfg.scheduler == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.gamma, patience=2)
+        mode = "min" if select.minimise else "max"
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=cfg.gamma, patience=2)
     return None
 
 
@@ -198,12 +226,12 @@ def fit(
     autocast = autocast_factory(device, tc.amp)
     if tc.epochs == 0:
         return as_given(model, data, cfg, device, autocast)
+    select = selection(tc, data.task)
     params = list(model.parameters()) + [p for p in distiller.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, tc)
-    scheduler = build_scheduler(optimizer, tc)
-    key = quality_metric(data.task)
+    scheduler = build_scheduler(optimizer, tc, select)
     result = FitResult(state="finished")
-    best_value, best_state, stale = -math.inf, None, 0
+    best_value, best_state, stale = None, None, 0
     images_seen = 0
     tap = FeatureTap(model, distiller.student_layers)
     drop_last = len(data.train) > tc.batch_size  # a last batch of one breaks batch norm in training mode
@@ -240,8 +268,8 @@ def fit(
                 metrics.update(dict(zip(("train/alpha", "train/beta"), cfg.kd.weights(epoch))))
             metrics["lr"] = optimizer.param_groups[0]["lr"]
             result.history.append({**metrics, "epoch": epoch})
-            if val[key] > best_value:
-                best_value, stale = val[key], 0
+            if select.better(val[select.key], best_value):
+                best_value, stale = val[select.key], 0
                 result.best_epoch, result.best_val = epoch, val
                 best_state = copy.deepcopy(model.state_dict())
             else:
@@ -251,7 +279,7 @@ def fit(
             if on_epoch:
                 on_epoch(epoch, metrics)
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                scheduler.step(val[key])
+                scheduler.step(val[select.key])
             elif scheduler is not None:
                 scheduler.step()
             if meter.spent or (tc.early_stopping and stale >= tc.early_stopping):

@@ -26,7 +26,7 @@ from harness.data.base import DataSplits, TensorSplit
 from harness.distill import KD_METHODS
 from harness.engine.compute import measure_step_cost, teacher_cache_flops
 from harness.engine.evaluate import count_flops, evaluate, ms_per_image
-from harness.engine.fit import FitResult, autocast_factory, fit, resolve_device
+from harness.engine.fit import FitResult, autocast_factory, fit, resolve_device, selection
 from harness.engine.teacher import CHECKPOINT_NAME, checkpoint_payload, freeze, load_teacher, serve_teacher
 from harness.engine.visualize import prediction_grid
 from harness.errors import HarnessError
@@ -120,6 +120,7 @@ def run_experiment(
     torch.backends.cudnn.benchmark = device.type == "cuda"
     seed_everything(cfg.train.seed)
     data = cached_data(cfg, device)
+    selection(cfg.train, data.task)  # a select_on the task does not log stops the run before it starts
     seed_everything(cfg.train.seed)
     # The student (with its model.weights) is built before a teacher is found or trained, so a bad student
     # stops the run with nothing logged, not even a teacher run.
