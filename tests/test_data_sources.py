@@ -17,7 +17,7 @@ from harness.config import ExperimentConfig
 from harness.data import DATA, load_data
 from harness.data.cityscapes import train_class_names, train_id_lookup
 from harness.data.transforms import AugmentConfig, build_transform
-from harness.errors import DataError
+from harness.errors import ConfigError, DataError
 
 
 def cfg(source: str, **kw):
@@ -221,6 +221,22 @@ def test_folder_layout_errors_are_one_line_and_name_the_path(tmp_path, breakage,
         load_data(cfg("folder", root=str(root), num_classes=3, **key))
     msg = str(err.value)
     assert expected in msg and str(root) in msg and "\n" not in msg
+
+
+def test_folder_lists_sharing_a_stem_are_a_one_line_config_error(tmp_path):
+    make_folder(tmp_path, n=5)
+    (tmp_path / "train.txt").write_text("s00\ns01\ns02\n")
+    (tmp_path / "val.txt").write_text("s03\n")
+    (tmp_path / "test.txt").write_text("s04\ns01.png\n")  # s01 is also a training image
+    lists = {"train_list": "train.txt", "val_list": "val.txt", "test_list": "test.txt"}
+    with pytest.raises(ConfigError) as err:
+        load_data(cfg("folder", root=str(tmp_path), num_classes=3, **lists))
+    msg = str(err.value)
+    assert err.value.exit_code == 2 and "\n" not in msg
+    assert str(tmp_path / "train.txt") in msg and str(tmp_path / "test.txt") in msg
+    assert "data.train_list and data.test_list share 1 stem(s) (e.g. s01)" in msg
+    (tmp_path / "test.txt").write_text("s04\n")
+    assert load_data(cfg("folder", root=str(tmp_path), num_classes=3, **lists)).sizes()["test"] == 1
 
 
 def test_folder_config_validation():
@@ -430,18 +446,18 @@ def test_cityscapes_train_id_lookup_values():
     assert len(names) == 19 and names[0] == "road" and names[13] == "car" and names[18] == "bicycle"
 
 
-def test_cityscapes_loads_maps_labels_and_splits_sorted_val(tmp_path):
+def cityscapes_names(split):
+    return [Path(split.base.images[j]).name.split("_leftImg8bit")[0] for j in split.indices]
+
+
+def test_cityscapes_loads_maps_labels_and_splits_val_by_city(tmp_path):
     make_cityscapes(tmp_path)
     splits = load_data(cfg("cityscapes", root=str(tmp_path), augment={"resize": None}))
     assert splits.sizes() == {"train": 2, "val": 2, "test": 2}
     assert (splits.num_classes, splits.in_channels, splits.ignore_index) == (19, 3, 255)
-
-    def names(split):
-        return [Path(split.base.images[j]).name.split("_leftImg8bit")[0] for j in split.indices]
-
-    assert names(splits.val) == ["frankfurt_000000_000000", "lindau_000000_000000"]
-    assert names(splits.test) == ["frankfurt_000000_000001", "lindau_000000_000001"]
-    x, y = splits.val[1]
+    assert cityscapes_names(splits.val) == ["frankfurt_000000_000000", "frankfurt_000000_000001"]
+    assert cityscapes_names(splits.test) == ["lindau_000000_000000", "lindau_000000_000001"]
+    x, y = splits.test[0]
     raw = pattern_mask(8, 16, seed=0 + len("lindau"), values=np.array([a for a, _ in LABEL_TO_TRAIN]))
     expected = np.zeros_like(raw)
     for label_id, train_id in LABEL_TO_TRAIN:
@@ -450,6 +466,20 @@ def test_cityscapes_loads_maps_labels_and_splits_sorted_val(tmp_path):
     # default resize is (256, 512), height x width
     x, y = load_data(cfg("cityscapes", root=str(tmp_path))).train[0]
     assert x.shape == (3, 256, 512) and set(y.unique().tolist()) <= {0, 1, 11, 13, 18, 255}
+
+
+def test_cityscapes_val_and_test_share_no_city_and_balance_sizes(tmp_path):
+    # the official val set's proportions (frankfurt 267, munster 174, lindau 59), scaled down
+    make_cityscapes(tmp_path, {"train": {"aachen": 1}, "val": {"frankfurt": 5, "munster": 3, "lindau": 1}})
+    splits = load_data(cfg("cityscapes", root=str(tmp_path), augment={"resize": None}))
+    city = lambda split: {n.split("_")[0] for n in cityscapes_names(split)}  # noqa: E731
+    assert city(splits.val) == {"frankfurt"} and city(splits.test) == {"lindau", "munster"}
+    assert splits.sizes() == {"train": 1, "val": 5, "test": 4}
+    assert cityscapes_names(splits.test)[:2] == ["lindau_000000_000000", "munster_000000_000000"]
+    make_cityscapes(tmp_path / "one", {"train": {"aachen": 1}, "val": {"frankfurt": 3}})
+    with pytest.raises(DataError, match="1 city; .* at least 2") as err:
+        load_data(cfg("cityscapes", root=str(tmp_path / "one")))
+    assert str(err.value).startswith(str(tmp_path / "one" / "leftImg8bit" / "val"))
 
 
 @pytest.mark.parametrize("breakage", ["root", "val_labels", "label_file", "no_city"])

@@ -10,9 +10,11 @@ with a lookup table built from ``Cityscapes.classes[i].train_id``; labels whose 
 ego vehicle, ...) become 255, the ignore index. E.g. labelId 7 (road) -> 0, labelId 26 (car) -> 13,
 labelId 0 (unlabeled) -> 255.
 
-Splits: train = Cityscapes ``train`` (2,975 images). Cityscapes ``val`` (500) is sorted by file name and
-split in half, interleaved: even positions form our val split, odd positions our test split (so every city
-appears in both). The official ``test`` split has no public labels and is not used.
+Splits: train = Cityscapes ``train`` (2,975 images). Cityscapes ``val`` (500 images of 3 cities) is split
+by city, since neighbouring frames of one drive are near-identical and must not land in both: cities are
+taken largest first, each into the half that holds fewer images so far (val on a tie). The official val
+set gives val = frankfurt (267 images), test = munster + lindau (174 + 59 = 233). The official ``test``
+split has no public labels and is not used.
 
 Images are resized to 256x512 (height x width) by default (``augment.resize``); masks with nearest.
 """
@@ -26,7 +28,7 @@ import torch
 from pydantic import Field
 
 from harness.data.base import DATA, IGNORE_INDEX, DataConfigBase, DataSplits
-from harness.data.transforms import AugmentConfig, PairView, alternate_halves, build_transform
+from harness.data.transforms import AugmentConfig, PairView, build_transform
 from harness.errors import DataError
 
 LAYOUT = (
@@ -108,15 +110,30 @@ def _cityscapes(root: Path, split: str):
     return ds
 
 
+def city_halves(images: list[str]) -> tuple[list[int], list[int]]:
+    """Indices of ``images`` (paths ``.../<city>/<file>``) in two halves of whole cities, about equal in size:
+    cities largest first (then by name), each into the half with fewer images so far, the first on a tie."""
+    by_city: dict[str, list[int]] = {}
+    for i, path in enumerate(images):
+        by_city.setdefault(Path(path).parent.name, []).append(i)
+    halves: tuple[list[int], list[int]] = ([], [])
+    for city in sorted(by_city, key=lambda c: (-len(by_city[c]), c)):
+        halves[0 if len(halves[0]) <= len(halves[1]) else 1].extend(by_city[city])
+    return sorted(halves[0]), sorted(halves[1])
+
+
 @DATA.register(CityscapesConfig)
 def load_cityscapes(cfg: CityscapesConfig) -> DataSplits:
     root = Path(cfg.root).expanduser()
     check_cityscapes_layout(root)
     train_set = _cityscapes(root, "train")
     val_set = _cityscapes(root, "val")
-    val_idx, test_idx = alternate_halves(len(val_set))
+    val_idx, test_idx = city_halves(val_set.images)
     if not test_idx:
-        raise DataError(f"{root / 'leftImg8bit' / 'val'}: 1 image; val and test need at least 2; {FIX}")
+        raise DataError(
+            f"{root / 'leftImg8bit' / 'val'}: 1 city; our val and test splits take whole cities of it, so it "
+            f"needs at least 2; {FIX}"
+        )
     lut = train_id_lookup()
     train_tf = build_transform(cfg.augment, True, 3, IGNORE_INDEX)
     eval_tf = build_transform(cfg.augment, False, 3, IGNORE_INDEX)

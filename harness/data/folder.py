@@ -2,12 +2,17 @@
 
 Layout::
 
-    ROOT/images/<stem>.png|jpg|jpeg|tif|tiff    RGB or grayscale (converted to ``in_channels``)
+    ROOT/images/<stem>.png|jpg|jpeg|tif|tiff    RGB or grayscale, 8 or 16 bits (converted to ``in_channels``)
     ROOT/masks/<stem>.png|tif|tiff|...          single channel, pixel value = class index (or ignore_index)
 
+Images are scaled to [0, 1] as ``intensity`` says (``harness.data.intensity``): by their integer type's
+range (default; 8-bit files as before, 16-bit PNG and TIFF by 65535 rather than clipped at 255) or per image
+by percentiles.
+
 Splits come either from three list files (``train_list``, ``val_list``, ``test_list``: one stem per line,
-paths relative to ROOT; blank lines and ``#`` comments are skipped) or, when no list is given, from a
-seeded shuffle of all stems cut by ``val_fraction`` and ``test_fraction``. Binary masks saved as 0/255 are
+paths relative to ROOT; blank lines and ``#`` comments are skipped; a stem in two lists is an error, as it
+would leak into evaluation) or, when no list is given, from a seeded shuffle of all stems cut by
+``val_fraction`` and ``test_fraction``. Binary masks saved as 0/255 are
 read with ``binary_255: true`` (255 -> class 1, so ``num_classes`` must be 2). A mask value outside
 ``[0, num_classes)`` other than ``ignore_index`` raises a DataError naming the file when that sample loads.
 """
@@ -18,13 +23,13 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 from torch.utils.data import Dataset
 
 from harness.data.base import DATA, IGNORE_INDEX, DataConfigBase, DataSplits
+from harness.data.intensity import IntensityConfig, image_size, read_image, read_mask
 from harness.data.transforms import AugmentConfig, PairView, build_transform
-from harness.errors import DataError
+from harness.errors import ConfigError, DataError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
@@ -46,6 +51,17 @@ class FolderConfig(DataConfigBase):
     seed: int = 0
     class_names: list[str] | None = None
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    intensity: IntensityConfig = Field(
+        default_factory=IntensityConfig, description="how images deeper than 8 bits are scaled to [0, 1]"
+    )
+
+    @model_serializer(mode="wrap")
+    def _drop_defaults(self, handler):
+        # A default intensity is left out of dumps, so folder configs (and teacher hashes) read as before it.
+        data = DataConfigBase._drop_unset_normalize(self, handler)
+        if isinstance(data, dict) and self.intensity == IntensityConfig():
+            data.pop("intensity", None)
+        return data
 
     @model_validator(mode="after")
     def _check(self):
@@ -115,12 +131,13 @@ def _read_list(root: Path, name: str, key: str) -> list[str]:
 
 
 class FolderPairs(Dataset):
-    """(PIL image, mask array) for each (image path, mask path),
+    """(image tensor C,H,W, mask array) for each (image path, mask path),
     with the mask checked against the label space."""
 
     def __init__(self, pairs: list[tuple[Path, Path]], cfg: FolderConfig):
         self.pairs = pairs
-        self.mode = "L" if cfg.in_channels == 1 else "RGB"
+        self.channels = cfg.in_channels
+        self.intensity = cfg.intensity
         self.num_classes = cfg.num_classes
         self.ignore_index = cfg.ignore_index
         self.binary_255 = cfg.binary_255
@@ -130,19 +147,18 @@ class FolderPairs(Dataset):
 
     def __getitem__(self, i: int):
         image_path, mask_path = self.pairs[i]
-        with Image.open(image_path) as im:
-            image = im.convert(self.mode)
-        with Image.open(mask_path) as m:
-            mask = np.array(m)
+        image = read_image(image_path, self.channels, self.intensity)
+        mask = read_mask(mask_path)
         if mask.ndim != 2:
             raise DataError(
                 f"{mask_path}: mask has {mask.shape[-1]} channels; masks must be single-channel class-index "
                 "images (save as 8-bit grayscale or palette PNG)"
             )
-        if mask.shape != (image.height, image.width):
+        height, width = image.shape[-2:]
+        if mask.shape != (height, width):
             raise DataError(
                 f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {image_path.name} is "
-                f"{image.width}x{image.height}; masks must match their images pixel for pixel"
+                f"{width}x{height}; masks must match their images pixel for pixel"
             )
         mask = mask.astype(np.int64)
         if self.binary_255:
@@ -161,16 +177,29 @@ class FolderPairs(Dataset):
 def _check_sizes(pairs: list[tuple[Path, Path]]) -> None:
     first = None
     for image_path, _ in pairs:
-        with Image.open(image_path) as im:
-            size = im.size
+        height, width = image_size(image_path)
         if first is None:
-            first = (image_path, size)
-        elif size != first[1]:
+            first = (image_path, (width, height))
+        elif (width, height) != first[1]:
             raise DataError(
-                f"{image_path}: image is {size[0]}x{size[1]} but {first[0].name} is "
+                f"{image_path}: image is {width}x{height} but {first[0].name} is "
                 f"{first[1][0]}x{first[1][1]}; batches need one size: set data.augment.resize or "
                 "data.augment.crop"
             )
+
+
+def _check_disjoint(root: Path, cfg: FolderConfig, split_stems: list[list[str]]) -> None:
+    """A stem in two split lists would be trained on and evaluated on: refuse it."""
+    keys = ("train_list", "val_list", "test_list")
+    for a in range(3):
+        for b in range(a + 1, 3):
+            shared = sorted(set(split_stems[a]) & set(split_stems[b]))
+            if shared:
+                raise ConfigError(
+                    f"{root / getattr(cfg, keys[a])} and {root / getattr(cfg, keys[b])}: data.{keys[a]} and "
+                    f"data.{keys[b]} share {len(shared)} stem(s) (e.g. {', '.join(shared[:3])}), which would "
+                    "leak into evaluation; list each stem in one split only"
+                )
 
 
 @DATA.register(FolderConfig)
@@ -199,6 +228,7 @@ def load_folder(cfg: FolderConfig) -> DataSplits:
                     f"{root / cfg.images} (e.g. {', '.join(missing[:3])}); fix the list or add the images"
                 )
             split_stems.append(stems)
+        _check_disjoint(root, cfg, split_stems)
     else:
         stems = sorted(images)
         n = len(stems)

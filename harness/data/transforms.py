@@ -5,9 +5,10 @@ Built with ``torchvision.transforms.v2``: the image is wrapped as ``tv_tensors.I
 with nearest-neighbour interpolation, and photometric ops (colour jitter, normalisation) touch the image only.
 The train split gets the random augmentation; val and test only the deterministic resize and centre crop.
 
-Also here: ``PairView``, the Dataset those sources return: it reads (PIL image, PIL mask) pairs from a base
-dataset at chosen indices, applies the transform and an optional label lookup table, and says whether its
-samples are ``deterministic`` (the trainer caches teacher outputs only when they are).
+Also here: ``PairView``, the Dataset those sources return: it reads (image, mask) pairs from a base dataset
+at chosen indices (images as PIL images or (C, H, W) tensors, uint8 or float in [0, 1]), applies the
+transform and an optional label lookup table, and says whether its samples are ``deterministic`` (the
+trainer caches teacher outputs only when they are).
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
 
 
 class JointTransform:
-    """Callable (PIL image, PIL or array mask) -> (float image C,H,W, long mask H,W). Picklable, so it works
-    in DataLoader worker processes."""
+    """Callable (PIL image or C,H,W tensor, PIL or array mask) -> (float image C,H,W, long mask H,W).
+    uint8 images are divided by 255, float ones kept. Picklable, so it works in DataLoader worker processes."""
 
     def __init__(self, cfg: AugmentConfig, train: bool, in_channels: int, ignore_index: int = IGNORE_INDEX):
         ops: list[Any] = []
@@ -121,7 +122,7 @@ def build_transform(
 
 
 class PairView(Dataset):
-    """Samples ``indices`` of a base dataset of (PIL image, PIL mask) pairs, transformed.
+    """Samples ``indices`` of a base dataset of (image, mask) pairs, transformed.
 
     ``label_map`` (a 256-entry long tensor) maps raw mask values to class ids after the transform (a
     pointwise map commutes with nearest resizing, crops and flips; padding uses the ignore value, which the

@@ -5,7 +5,9 @@ Layout: ``ROOT/VOCdevkit/VOC2012/{ImageSets/Segmentation/{train,val}.txt, JPEGIm
 
 Splits: train = VOC's ``train`` set (1,464 images). VOC's ``val`` set (1,449) is split in half
 deterministically and interleaved: the images at even positions of ``val.txt`` form our val split, those at
-odd positions our test split (so both halves span the whole list, which is ordered by year).
+odd positions our test split (so both halves span the whole list, which is ordered by year). VOC's images are
+single photographs, not frames of sequences, so neighbours in the list are not near-copies of each other
+(Cityscapes' are, and is split by city instead).
 
 Images are resized to 256x256 by default (``augment.resize``) so batches stack; masks with nearest.
 """
