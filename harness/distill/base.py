@@ -8,6 +8,8 @@ A method is a ``Distiller``: an nn.Module built from its config that
   are trained with the student and counted apart from it (``extra_parameters``);
 * may train frozen helpers before the student's training starts (``prepare``: the adaptation method's
   autoencoder);
+* may warn about settings that cannot work for the task's number of classes (``check_classes``, called at
+  setup and on every batch; each warning is printed once per process);
 * returns its loss terms as a dict of scalars in ``forward``. It receives the teacher's outputs as inputs and
   never calls the teacher, so the trainer can serve them live or from a cache.
 
@@ -17,6 +19,7 @@ epoch by the regime and schedule of ``KDConfigBase``.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -29,6 +32,14 @@ from torch import nn
 from harness.registry import Registry
 
 KD_METHODS = Registry("KD method", "method")
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """``warning: <message>`` on stderr, once per process (a study builds one distiller per trial and seed)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(f"warning: {message}", file=sys.stderr)
 
 
 class WeightStep(BaseModel):
@@ -137,6 +148,9 @@ class Distiller(nn.Module):
 
     def setup(self, student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size]) -> None:
         """Build adapters once the feature shapes (N, C, H, W) of the tapped layers are known."""
+
+    def check_classes(self, num_classes: int) -> None:
+        """Warn (``warn_once``) about settings that do not work with ``num_classes`` classes."""
 
     def prepare(
         self, teacher_batches: Callable[[], Iterable[KDBatch]], device: torch.device

@@ -159,6 +159,10 @@ class ComboKD(Distiller):
         for part in self.parts.values():
             part.setup(student_shapes, teacher_shapes)
 
+    def check_classes(self, num_classes):
+        for part in self.parts.values():
+            part.check_classes(num_classes)
+
     def prepare(self, teacher_batches, device):
         out = {}
         for name, part in self.parts.items():

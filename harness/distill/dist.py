@@ -11,6 +11,11 @@ tau 1, all pixels of the batch, ignore-labelled ones included (as ``response``),
 correlation's denominator. Classification logits (N, K) give M = N rows. The student's logits are
 bilinearly resized to the teacher's. ``standardize: true`` z-scores each pixel's logits first, as in
 ``response`` (Sun et al., CVPR 2024).
+
+With 2 classes the inter-class term is nearly constant: a pixel's two probabilities sum to 1, so the
+Pearson correlation of (p, 1 - p) and (q, 1 - q) is +-1 (the sign of (p - 1/2)(q - 1/2)) and the term just
+counts the pixels whose argmax disagrees, with no useful gradient; only the intra-class term teaches.
+The method warns once when it sees 2 classes (and about ``standardize``, as ``response``).
 """
 
 from __future__ import annotations
@@ -20,8 +25,15 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
-from harness.distill.base import KD_METHODS, Distiller, KDConfigBase, match_spatial, require_same_classes
-from harness.distill.response import zscore
+from harness.distill.base import (
+    KD_METHODS,
+    Distiller,
+    KDConfigBase,
+    match_spatial,
+    require_same_classes,
+    warn_once,
+)
+from harness.distill.response import warn_standardize, zscore
 
 
 class DISTConfig(KDConfigBase):
@@ -45,9 +57,19 @@ def mean_pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.T
 class DISTKD(Distiller):
     uses_teacher_logits = True
 
+    def check_classes(self, num_classes):
+        warn_standardize(self.cfg, num_classes)
+        if num_classes == 2 and self.cfg.inter_weight > 0:
+            warn_once(
+                "kd.method dist: with 2 classes the inter-class term is nearly constant (the Pearson "
+                "correlation of two 2-class distributions is +-1), so only the intra-class term teaches; "
+                "set kd.inter_weight: 0 to drop it"
+            )
+
     def forward(self, batch):
         s, t = batch.student_logits.float(), batch.teacher_logits.detach().float()
         require_same_classes(s, t, "dist")
+        self.check_classes(t.shape[1])
         if s.dim() not in (2, 4) or s.dim() != t.dim():
             raise ValueError(
                 f"dist: needs logits (N, K, H, W) or (N, K) of the same kind, got student {tuple(s.shape)} "

@@ -14,6 +14,9 @@ the reference codebases (CIRKD, DIST) do not mask them either.
 z-scores each pixel's logits over the classes, z -> (z - mean) / (std + 1e-7) with torch's (unbiased) std
 as in the paper's code, for student and teacher alike; the student then matches the teacher's logit
 relations, not their range. The loss becomes invariant to a per-pixel shift and positive scale of either.
+With 2 classes it has nothing left to match: z-scored 2-class logits are always +-1/sqrt(2), so the term is
+a constant whose gradient comes only through the eps (on random logits the largest gradient per logit is
+about 1e-5, against 1e-2 without standardize); the method warns once when it sees 2 classes.
 """
 
 from __future__ import annotations
@@ -23,7 +26,14 @@ from typing import ClassVar, Literal
 import torch.nn.functional as F
 from pydantic import Field
 
-from harness.distill.base import KD_METHODS, Distiller, KDConfigBase, match_spatial, require_same_classes
+from harness.distill.base import (
+    KD_METHODS,
+    Distiller,
+    KDConfigBase,
+    match_spatial,
+    require_same_classes,
+    warn_once,
+)
 
 
 class ResponseConfig(KDConfigBase):
@@ -40,6 +50,14 @@ def zscore(logits, eps: float = 1e-7):
     return (logits - logits.mean(dim=1, keepdim=True)) / (logits.std(dim=1, keepdim=True) + eps)
 
 
+def warn_standardize(cfg: KDConfigBase, num_classes: int) -> None:
+    if getattr(cfg, "standardize", False) and num_classes == 2:
+        warn_once(
+            f"kd.method {cfg.method}: standardize with 2 classes gives no gradient (z-scored 2-class logits "
+            "are always +-1/sqrt(2), so the KD term is constant); set kd.standardize: false"
+        )
+
+
 def pixel_kl(student_logits, teacher_logits, temperature: float):
     log_p_s = F.log_softmax(student_logits / temperature, dim=1)
     log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
@@ -51,9 +69,13 @@ def pixel_kl(student_logits, teacher_logits, temperature: float):
 class ResponseKD(Distiller):
     uses_teacher_logits = True
 
+    def check_classes(self, num_classes):
+        warn_standardize(self.cfg, num_classes)
+
     def forward(self, batch):
         s, t = batch.student_logits.float(), batch.teacher_logits.detach().float()
         require_same_classes(s, t, "response")
+        self.check_classes(t.shape[1])
         if s.dim() == 4:
             s = match_spatial(s, t)
         if self.cfg.standardize:
