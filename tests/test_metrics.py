@@ -1,5 +1,6 @@
 """mIoU and pixel accuracy as the harness computes them, against a confusion matrix worked by hand."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -82,3 +83,45 @@ def test_flops_of_a_single_conv_and_latency_is_positive():
     # one multiply-add (2 FLOPs) per weight per output pixel, for one image
     assert count_flops(conv, x) == 2 * 4 * 9 * 64
     assert ms_per_image(conv, x, warmup=1, repeats=3) > 0
+
+
+def test_per_class_iou_leaves_out_a_class_absent_from_target_and_prediction():
+    target = torch.tensor([[[0, 0, 1, 1]]])
+    pred = torch.tensor([[[0, 0, 1, 2]]])
+    split = TensorSplit(torch.zeros(1, 1, 1, 4), target)
+    out = evaluate(
+        FixedPrediction(pred, 4),
+        split,
+        task="segmentation",
+        num_classes=4,
+        ignore_index=255,
+        device=torch.device("cpu"),
+    )
+    # class 2 is only predicted (IoU 0, a real score); class 3 appears nowhere: no score, not 0
+    assert {k: round(v, 6) for k, v in out.items() if k.startswith("iou_")} == {
+        "iou_0": 1.0,
+        "iou_1": 0.5,
+        "iou_2": 0.0,
+    }
+
+
+def test_trivial_predictor_scores_the_training_majority_class():
+    from harness.data.base import DataSplits
+    from harness.engine.evaluate import trivial_score
+
+    # train: class 1 holds 3 labelled pixels, class 0 two, class 2 one; 255 pixels are not counted
+    train = TensorSplit(torch.zeros(1, 1, 2, 4), torch.tensor([[[1, 1, 255, 255], [1, 0, 0, 2]]]))
+    # test, everything predicted 1: IoU1 = 2 / 5 (5 labelled pixels predicted 1, 2 of them are 1),
+    # IoU0 = IoU2 = 0 (present, never predicted); class 3 is absent: mIoU = (2/5) / 3
+    test = TensorSplit(torch.zeros(1, 1, 2, 3), torch.tensor([[[0, 1, 1], [2, 0, 255]]]))
+    seg = DataSplits("segmentation", train, test, test, num_classes=4, in_channels=1)
+    assert trivial_score(seg, torch.device("cpu")) == {"trivial/test_miou": pytest.approx(2 / 5 / 3)}
+    labels = DataSplits(
+        "classification",
+        TensorSplit(torch.zeros(4, 1, 2, 2), torch.tensor([2, 2, 1, 0])),
+        None,
+        TensorSplit(torch.zeros(5, 1, 2, 2), torch.tensor([2, 0, 1, 2, 2])),
+        num_classes=3,
+        in_channels=1,
+    )
+    assert trivial_score(labels, torch.device("cpu")) == {"trivial/test_accuracy": pytest.approx(3 / 5)}

@@ -5,9 +5,10 @@ How FLOPs are counted (README, "Equal compute"):
 
 * the student: forward FLOPs per image from torch's FlopCounterMode (``count_flops``), the backward pass
   counted as twice the forward, so a training step costs 3 x forward per image;
-* the KD method's own modules (adapters, regressors, generators): the distiller's forward measured with the
-  same counter on one training batch, times 3 for forward and backward. The counter sees matrix products
-  and convolutions, not element-wise loss arithmetic (softmax, KL), which is negligible next to them;
+* the KD method's own work (adapters, regressors, generators, similarity maps): the distiller's forward and
+  backward measured with the same counter on one training batch, so work that has no backward (frozen
+  encoders, the teacher side) counts once and trained modules about 3 times. The counter sees matrix
+  products and convolutions, not element-wise loss arithmetic (softmax, KL), which is negligible next to them;
 * the teacher's forward per image when it runs live;
 * the KD costs only in epochs whose KD weight beta is above zero (the teacher is not run otherwise);
 * the teacher cache (one teacher forward over the training set) is not drawn from any run's budget, which
@@ -56,21 +57,30 @@ def first_batch(split, n: int, device: torch.device):
     return x.to(device), y.to(device), torch.arange(len(items))
 
 
-@torch.no_grad()
 def distiller_flops(model: nn.Module, distiller: Distiller, server, batch, ignore_index: int) -> int:
-    """FLOPs of the distiller's forward on one batch (the student and teacher forwards are not counted)."""
+    """FLOPs of the distiller's forward and backward on one batch, counted as they run: work with no backward
+    (frozen encoders, the teacher side's similarity or attention maps) counts once. The student's outputs
+    enter as leaves, so neither the student's forward nor its backward is counted here."""
     x, y, idx = batch
     was_training = distiller.training
     model.eval()
     distiller.eval()  # batch norm in an adapter must not update its statistics here
+    grads = [p.grad for p in distiller.parameters()]
     rng_devices = [x.device] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices), FeatureTap(model, distiller.student_layers) as tap:
-        logits = model(x)
-        t_logits, t_feats = server(x, idx)
+    with torch.random.fork_rng(devices=rng_devices):
+        with torch.no_grad(), FeatureTap(model, distiller.student_layers) as tap:
+            logits = model(x)
+            t_logits, t_feats = server(x, idx)
+        feats = {k: v.detach().requires_grad_() for k, v in tap.features.items()}
+        kd_batch = KDBatch(logits.detach().requires_grad_(), y, t_logits, feats, t_feats, ignore_index)
         from torch.utils.flop_counter import FlopCounterMode
 
         with FlopCounterMode(display=False) as counter:
-            distiller(KDBatch(logits, y, t_logits, dict(tap.features), t_feats, ignore_index))
+            loss = sum(distiller(kd_batch).values())
+            if isinstance(loss, torch.Tensor) and loss.requires_grad:
+                loss.backward()
+    for p, grad in zip(distiller.parameters(), grads):
+        p.grad = grad
     distiller.train(was_training)
     return int(counter.get_total_flops())
 
@@ -82,7 +92,7 @@ def measure_step_cost(
     student = 3.0 * count_flops(model, batch[0])
     if server is None or not distiller.needs_teacher:
         return StepCost(student)
-    kd = 3.0 * distiller_flops(model, distiller, server, batch, data.ignore_index) / len(batch[0])
+    kd = distiller_flops(model, distiller, server, batch, data.ignore_index) / len(batch[0])
     if isinstance(server, LiveTeacher):
         kd += count_flops(teacher, batch[0])
     return StepCost(student, kd)

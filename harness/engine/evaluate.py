@@ -1,4 +1,5 @@
-"""Measures of a trained model: loss, mIoU, pixel accuracy, accuracy, parameters, FLOPs, ms/image."""
+"""Measures of a trained model: loss, mIoU, pixel accuracy, accuracy, parameters, FLOPs, ms/image; and the
+score of the trivial predictor (the majority class everywhere) that a model has to beat."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
+from harness.data.base import quality_metric
 from harness.data.loader import iterate_batches
 
 
@@ -57,8 +59,60 @@ def evaluate(
         if value.dim() == 0:
             out[name] = value.item()
         else:
-            out.update({f"{name}_{i}": v for i, v in enumerate(value.tolist())})
+            out.update(per_class(name, value, metric.confmat))
     return out
+
+
+def per_class(name: str, values: torch.Tensor, confmat: torch.Tensor) -> dict[str, float]:
+    """``<name>_<c>`` for the classes present in the target or the prediction: torchmetrics reads 0 for a
+    class absent from both, which is no score at all (the macro mean drops it too)."""
+    present = (confmat.sum(0) + confmat.sum(1)) > 0
+    return {f"{name}_{i}": v for i, (v, p) in enumerate(zip(values.tolist(), present.tolist())) if p}
+
+
+class ConstantPrediction(nn.Module):
+    """Predicts one class for every image (classification) or pixel (segmentation), whatever the input."""
+
+    def __init__(self, label: int, num_classes: int, per_pixel: bool):
+        super().__init__()
+        self.label, self.num_classes, self.per_pixel = label, num_classes, per_pixel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (len(x), self.num_classes, *x.shape[2:]) if self.per_pixel else (len(x), self.num_classes)
+        logits = torch.zeros(shape, device=x.device)
+        logits[:, self.label] = 1.0
+        return logits
+
+
+def label_counts(split, num_classes: int, ignore_index: int, device: torch.device) -> torch.Tensor:
+    """How often each class occurs among a split's labels (pixels or images), ignore_index left out."""
+    if hasattr(split, "targets"):
+        batches = [split.targets]
+    else:
+        batches = (y for _, y, _ in iterate_batches(split, 64, device=device, shuffle=False))
+    counts = torch.zeros(num_classes, dtype=torch.long)
+    for y in batches:
+        y = y[y != ignore_index].flatten().cpu()
+        counts += torch.bincount(y, minlength=num_classes)[:num_classes]
+    return counts
+
+
+def trivial_score(data, device: torch.device) -> dict[str, float]:
+    """``trivial/test_<metric>``: the training split's majority class predicted for every pixel (or image),
+    scored on the test split with the model's quality metric."""
+    counts = label_counts(data.train, data.num_classes, data.ignore_index, device)
+    per_pixel = data.task == "segmentation"
+    predictor = ConstantPrediction(int(counts.argmax()), data.num_classes, per_pixel)
+    metric = quality_metric(data.task)
+    scores = evaluate(
+        predictor,
+        data.test,
+        task=data.task,
+        num_classes=data.num_classes,
+        ignore_index=data.ignore_index,
+        device=device,
+    )
+    return {f"trivial/test_{metric}": scores[metric]}
 
 
 def count_flops(model: nn.Module, example: torch.Tensor) -> int:
@@ -85,14 +139,54 @@ def _autocast_state(ctx, device_type: str) -> tuple:
         return torch.is_autocast_enabled(device_type), str(torch.get_autocast_dtype(device_type))
 
 
+def memory_format(model: nn.Module) -> str:
+    """channels_last when the model's 4-d weights are stored so (``model.to(memory_format=...)``)."""
+    for p in model.parameters():
+        if p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last):
+            return "channels_last"
+    return "contiguous"
+
+
+def describe_timing(model: nn.Module, x: torch.Tensor, ctx, threads: int) -> str:
+    """What a latency figure measured, in words: device, CPU threads, input C x H x W and batch, the dtype
+    the forward ran in and the memory format (the run's ``timing`` tag; the report groups ms/image by it)."""
+    from harness.tracking.provenance import device_name
+
+    autocast_on, autocast_dtype = _autocast_state(ctx, x.device.type)
+    dtype = f"{autocast_dtype.removeprefix('torch.')} autocast" if autocast_on else str(x.dtype)
+    parts = [device_name(x.device)]
+    if x.device.type == "cpu":
+        parts.append(f"{threads} thread{'s' if threads != 1 else ''}")
+    parts += [
+        f"input {'x'.join(map(str, x.shape[1:]))}, batch {x.shape[0]}",
+        dtype.removeprefix("torch."),
+        memory_format(model),
+    ]
+    return "; ".join(parts)
+
+
 def architecture_key(model: nn.Module, x: torch.Tensor, ctx, threads: int) -> tuple:
     """What ms/image depends on: the module tree (its repr holds every layer's hyperparameters), the
-    parameters' shapes, dtypes and memory layout, the input's shape, dtype and device, autocast and threads.
-    Not the weights or the seed: every trial of a study with the same student gets the same key."""
+    parameters' shapes, dtypes and memory layout, and everything :func:`describe_timing` names (device,
+    threads, input shape, dtype and autocast, memory format), plus the input's strides. Not the weights or
+    the seed: every trial of a study with the same student gets the same key."""
     tensors = [(n, tuple(t.shape), str(t.dtype), t.stride()) for n, t in model.state_dict().items()]
     text = f"{type(model).__qualname__}|{model!r}|{tensors}"
     digest = hashlib.sha1(text.encode()).hexdigest()
-    return (digest, tuple(x.shape), str(x.dtype), str(x.device), _autocast_state(ctx, x.device.type), threads)
+    timing = describe_timing(model, x, ctx, threads)
+    return (digest, timing, tuple(x.shape), str(x.dtype), str(x.device), x.stride(), threads)
+
+
+def timing_tag(
+    model: nn.Module, example: torch.Tensor, *, autocast=None, threads: int = LATENCY_THREADS
+) -> str:
+    """The ``timing`` tag of a run whose ms/image :func:`ms_per_image` measured with these arguments."""
+    x = example[:1]
+    return describe_timing(model, x, autocast or _no_autocast(x), threads)
+
+
+def _no_autocast(x: torch.Tensor):
+    return lambda: torch.autocast(x.device.type, enabled=False)
 
 
 def clear_latency_cache() -> None:
@@ -115,7 +209,7 @@ def ms_per_image(
     in this process and reused, so every trial with the same student reports the same figure."""
     model.eval()
     x = example[:1]
-    ctx = autocast or (lambda: torch.autocast(x.device.type, enabled=False))
+    ctx = autocast or _no_autocast(x)
     key = (*architecture_key(model, x, ctx, threads), warmup, repeats)
     if cache and key in _LATENCY:
         return _LATENCY[key]

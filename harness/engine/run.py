@@ -24,8 +24,8 @@ from harness.config import ExperimentConfig
 from harness.data import load_data
 from harness.data.base import DataSplits, TensorSplit
 from harness.distill import KD_METHODS
-from harness.engine.compute import measure_step_cost, teacher_cache_flops
-from harness.engine.evaluate import count_flops, evaluate, ms_per_image
+from harness.engine.compute import first_batch, measure_step_cost, teacher_cache_flops
+from harness.engine.evaluate import count_flops, evaluate, ms_per_image, timing_tag, trivial_score
 from harness.engine.fit import FitResult, autocast_factory, fit, resolve_device, selection
 from harness.engine.teacher import CHECKPOINT_NAME, checkpoint_payload, freeze, load_teacher, serve_teacher
 from harness.engine.visualize import prediction_grid
@@ -33,7 +33,8 @@ from harness.errors import HarnessError
 from harness.models import build_model, count_parameters
 from harness.models.taps import probe_shapes
 from harness.tracking import Run, Tracker
-from harness.tracking.provenance import provenance_tags
+from harness.tracking.mlflow_store import Heartbeat
+from harness.tracking.provenance import process_tags, provenance_tags
 
 
 @dataclass
@@ -61,11 +62,16 @@ def preserved_rng(device: torch.device):
 
 
 _DATA: dict[str, DataSplits] = {}
+_TRIVIAL: dict[str, dict[str, float]] = {}
+
+
+def _data_key(cfg: ExperimentConfig, device: torch.device) -> str:
+    return json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True) + str(device)
 
 
 def cached_data(cfg: ExperimentConfig, device: torch.device) -> DataSplits:
     """Load a dataset once per process (a study's trials share it); in-memory splits move to the device."""
-    key = json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True) + str(device)
+    key = _data_key(cfg, device)
     if key not in _DATA:
         data = load_data(cfg.data)
         for name in ("train", "val", "test"):
@@ -75,6 +81,15 @@ def cached_data(cfg: ExperimentConfig, device: torch.device) -> DataSplits:
         _DATA.clear()
         _DATA[key] = data
     return _DATA[key]
+
+
+def cached_trivial_score(cfg: ExperimentConfig, data: DataSplits, device: torch.device) -> dict[str, float]:
+    """:func:`trivial_score` of the run's data, computed once per process."""
+    key = _data_key(cfg, device)
+    if key not in _TRIVIAL:
+        _TRIVIAL.clear()
+        _TRIVIAL[key] = trivial_score(data, device)
+    return _TRIVIAL[key]
 
 
 def build_distiller(cfg: ExperimentConfig, student, teacher, data: DataSplits, device):
@@ -98,6 +113,58 @@ def build_distiller(cfg: ExperimentConfig, student, teacher, data: DataSplits, d
     return distiller.to(device)
 
 
+@dataclass
+class Prepared:
+    """What a run trains and how, checked before its MLflow run is created."""
+
+    device: torch.device
+    data: DataSplits
+    model: torch.nn.Module
+    distiller: torch.nn.Module
+    autocast: Callable
+    teacher: torch.nn.Module | None = None
+    server: Callable | None = None  # serves the teacher's outputs (live or cached)
+    served: str = ""  # how: live, cached, cached (reused), ...
+    teacher_tags: dict[str, str] = field(default_factory=lambda: {"teacher.source": "none"})
+    cache_seconds: float = 0.0
+
+
+def prepare(cfg: ExperimentConfig, tracker: Tracker) -> Prepared:
+    """Data, student, teacher (found or trained), KD method and the teacher's server, on the device."""
+    device = resolve_device(cfg.train.device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    seed_everything(cfg.train.seed)
+    data = cached_data(cfg, device)
+    selection(cfg.train, data.task)  # a select_on the task does not log stops the run before it starts
+    seed_everything(cfg.train.seed)
+    # The student (with its model.weights) is built before a teacher is found or trained, so a bad student
+    # stops the run with nothing logged, not even a teacher run.
+    model = build_model(cfg.model, data.in_channels, data.num_classes).to(device)
+    teacher = teacher_cfg = None
+    teacher_tags = {"teacher.source": "none"}
+    if cfg.teacher and cfg.kd.method != "none":
+        with preserved_rng(device):  # the student's draws stay those of a process without the teacher
+            teacher, teacher_tags, teacher_cfg = load_teacher(cfg.teacher, tracker, device, data, cfg.data)
+    if device.type == "cuda" and cfg.train.channels_last and data.task == "segmentation":
+        model = model.to(memory_format=torch.channels_last)
+    distiller = build_distiller(cfg, model, teacher, data, device)
+    if cfg.train.compile:
+        model.compile()  # in place: parameter names and the checkpoint stay those of the plain model
+    autocast = autocast_factory(device, cfg.train.amp)
+    prepared = Prepared(device, data, model, distiller, autocast, teacher, teacher_tags=teacher_tags)
+    if teacher is not None:
+        start = time.perf_counter()
+        key = (
+            json.dumps(teacher_cfg, sort_keys=True),
+            json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True),
+        )
+        prepared.server, prepared.served = serve_teacher(
+            freeze(teacher), distiller.teacher_layers, data, cfg.train, device, prepared.autocast, key
+        )
+        prepared.cache_seconds = time.perf_counter() - start
+    return prepared
+
+
 def run_experiment(
     cfg: ExperimentConfig,
     tracker: Tracker,
@@ -116,38 +183,7 @@ def run_experiment(
     ``stop_states`` maps exception types raised by ``on_epoch`` to the state they record (the study maps
     Optuna's TrialPruned to "pruned"); the exception is re-raised after the run is closed.
     """
-    device = resolve_device(cfg.train.device)
-    torch.backends.cudnn.benchmark = device.type == "cuda"
-    seed_everything(cfg.train.seed)
-    data = cached_data(cfg, device)
-    selection(cfg.train, data.task)  # a select_on the task does not log stops the run before it starts
-    seed_everything(cfg.train.seed)
-    # The student (with its model.weights) is built before a teacher is found or trained, so a bad student
-    # stops the run with nothing logged, not even a teacher run.
-    model = build_model(cfg.model, data.in_channels, data.num_classes).to(device)
-    teacher = teacher_source = None
-    teacher_cfg = None
-    if cfg.teacher and cfg.kd.method != "none":
-        with preserved_rng(device):  # the student's draws stay those of a process without the teacher
-            teacher, teacher_source, teacher_cfg = load_teacher(cfg.teacher, tracker, device, data, cfg.data)
-    if device.type == "cuda" and cfg.train.channels_last and data.task == "segmentation":
-        model = model.to(memory_format=torch.channels_last)
-    distiller = build_distiller(cfg, model, teacher, data, device)
-    if cfg.train.compile:
-        model.compile()  # in place: parameter names and the checkpoint stay those of the plain model
-    autocast = autocast_factory(device, cfg.train.amp)
-    server, served = None, ""
-    cache_start = time.perf_counter()
-    if teacher is not None:
-        key = (
-            json.dumps(teacher_cfg, sort_keys=True),
-            json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True),
-        )
-        server, served = serve_teacher(
-            freeze(teacher), distiller.teacher_layers, data, cfg.train, device, autocast, key
-        )
-    cache_seconds = time.perf_counter() - cache_start
-
+    prepared = prepare(cfg, tracker)
     run = tracker.start_run(
         experiment,
         run_name or cfg.name,
@@ -157,64 +193,76 @@ def run_experiment(
             "role": role,
             "state": "running",
             "kd.method": cfg.kd.method,
+            **process_tags(),
             **(tags or {}),
         },
     )
-    try:
-        run.log_params({**cfg.flat(), "seed": cfg.train.seed})
-        run.log_yaml(cfg.model_dump(mode="json"), "config.yaml")
-        run.set_tags(
-            {
-                **provenance_tags(device),
-                "teacher.source": teacher_source or "none",
-                "teacher.outputs": served or "none",
-            }
-        )
-        prep = distiller.prepare(_teacher_batches(server, data, cfg, device), device) if server else {}
-        sizes = {"params": count_parameters(model), "kd_params": distiller.extra_parameters()}
-        run.log_metrics({**sizes, **prep})
-        cost = measure_step_cost(model, distiller, server, teacher, data, cfg.train.batch_size, device)
-        cache_flops = teacher_cache_flops(served, teacher, data, device)
-        if cache_flops is not None:
-            sizes["teacher_cache_flops"] = cache_flops
+    # a teacher run is looked up by later processes: its heartbeat tells them whether it is still alive
+    with Heartbeat(run) if role == "teacher" else contextlib.nullcontext():
+        try:
+            return train_and_log(run, cfg, prepared, on_epoch, progress)
+        except BaseException as exc:
+            state = next((s for t, s in (stop_states or {}).items() if isinstance(exc, t)), None)
+            if state is None:
+                state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            if state in ("failed", "interrupted"):
+                run.log_text(traceback.format_exc(), "traceback.txt")
+                run.set_tags({"failure": f"{type(exc).__name__}: {str(exc)[:400]}"})
+            run.end(state)
+            raise
 
-        def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
-            run.log_metrics(metrics, step=epoch)
-            if on_epoch:
-                on_epoch(epoch, metrics)
 
-        result = fit(
-            model,
-            data,
-            cfg,
-            device=device,
-            distiller=distiller,
-            teacher=server,
-            on_epoch=log_epoch,
-            progress=progress,
-            cost=cost,
+def log_setup(run: Run, cfg: ExperimentConfig, p: Prepared) -> dict[str, float]:
+    """What is known before training: config, provenance, teacher cache cost, KD preparation, sizes, the
+    trivial predictor's score. Returns the sizes, which are logged again with the final metrics."""
+    run.log_params({**cfg.flat(), "seed": cfg.train.seed})
+    run.log_yaml(cfg.model_dump(mode="json"), "config.yaml")
+    run.set_tags({**provenance_tags(p.device), **p.teacher_tags, "teacher.outputs": p.served or "none"})
+    cache_flops = teacher_cache_flops(p.served, p.teacher, p.data, p.device)
+    if cache_flops is not None:  # logged now: a run pruned, failed or killed later still counts it
+        run.log_metrics({"teacher_cache_flops": cache_flops})
+    prep = (
+        p.distiller.prepare(_teacher_batches(p.server, p.data, cfg, p.device), p.device) if p.server else {}
+    )
+    sizes = {"params": count_parameters(p.model), "kd_params": p.distiller.extra_parameters()}
+    run.log_metrics({**sizes, **prep, **cached_trivial_score(cfg, p.data, p.device)})
+    return sizes
+
+
+def train_and_log(run: Run, cfg: ExperimentConfig, p: Prepared, on_epoch, progress) -> Outcome:
+    sizes = log_setup(run, cfg, p)
+    cost = measure_step_cost(
+        p.model, p.distiller, p.server, p.teacher, p.data, cfg.train.batch_size, p.device
+    )
+
+    def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        run.log_metrics(metrics, step=epoch)
+        if on_epoch:
+            on_epoch(epoch, metrics)
+
+    result = fit(
+        p.model,
+        p.data,
+        cfg,
+        device=p.device,
+        distiller=p.distiller,
+        teacher=p.server,
+        on_epoch=log_epoch,
+        progress=progress,
+        cost=cost,
+    )
+    sizes.update(result.compute)
+    if result.state == "diverged":
+        run.log_metrics(
+            {k: v for k, v in result.history[-1].items() if k != "epoch"}, step=result.diverged_at
         )
-        sizes.update(result.compute)
-        if result.state == "diverged":
-            run.log_metrics(
-                {k: v for k, v in result.history[-1].items() if k != "epoch"}, step=result.diverged_at
-            )
-            run.log_metrics(sizes)
-            run.set_tags({"failure": f"diverged: training loss not finite at epoch {result.diverged_at}"})
-            run.end("diverged")
-            return Outcome(run.id, "diverged", {}, result.step_seconds + cache_seconds)
-        final, test_seconds = finalize(run, model, data, cfg, result, device, autocast, sizes)
-        run.end("finished")
-        return Outcome(run.id, "finished", final, result.step_seconds + cache_seconds + test_seconds)
-    except BaseException as exc:
-        state = next((s for t, s in (stop_states or {}).items() if isinstance(exc, t)), None)
-        if state is None:
-            state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        if state in ("failed", "interrupted"):
-            run.log_text(traceback.format_exc(), "traceback.txt")
-            run.set_tags({"failure": f"{type(exc).__name__}: {str(exc)[:400]}"})
-        run.end(state)
-        raise
+        run.log_metrics(sizes)
+        run.set_tags({"failure": f"diverged: training loss not finite at epoch {result.diverged_at}"})
+        run.end("diverged")
+        return Outcome(run.id, "diverged", {}, result.step_seconds + p.cache_seconds)
+    final, test_seconds = finalize(run, p.model, p.data, cfg, result, p.device, p.autocast, sizes)
+    run.end("finished")
+    return Outcome(run.id, "finished", final, result.step_seconds + p.cache_seconds + test_seconds)
 
 
 def _teacher_batches(server, data: DataSplits, cfg: ExperimentConfig, device):
@@ -245,7 +293,7 @@ def finalize(
     test_start = time.perf_counter()
     test = evaluate(model, data.test, batch_size=64, **kwargs)
     test_seconds = time.perf_counter() - test_start
-    example = _examples(data.val, 1, device)[0]
+    example = first_batch(data.val, 1, device)[0]
     final = {
         **sizes,
         **{f"val/{k}": v for k, v in result.best_val.items()},
@@ -259,12 +307,13 @@ def finalize(
         **train_losses(result),
     }
     run.log_metrics(final, step=len(result.history))  # one step past the last epoch: the selected model
+    run.set_tags({"timing": timing_tag(model, example, autocast=autocast)})
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / CHECKPOINT_NAME
         torch.save(checkpoint_payload(model, cfg, data), path)
         run.log_file(path)
     if data.task == "segmentation":
-        images, targets = _examples(data.val, 4, device)
+        images, targets, _ = first_batch(data.val, 4, device)
         with torch.no_grad(), autocast():
             preds = model.eval()(images).argmax(1)
         import matplotlib.pyplot as plt
@@ -282,10 +331,3 @@ def train_losses(result: FitResult) -> dict[str, float]:
         "train/loss_final": result.history[-1]["train/loss"],
         "train/loss_best_epoch": result.history[result.best_epoch]["train/loss"],
     }
-
-
-def _examples(split, n: int, device):
-    if isinstance(split, TensorSplit):
-        return split.images[:n].to(device), split.targets[:n].to(device)
-    items = [split[i] for i in range(min(n, len(split)))]
-    return torch.stack([x for x, _ in items]).to(device), torch.stack([y for _, y in items]).to(device)

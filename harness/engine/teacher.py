@@ -3,13 +3,17 @@ trainer live or from a cache.
 
 A teacher is named by an experiment file (trained once, then found again in MLflow by its config hash) or
 by a checkpoint file. During training the distiller receives the teacher's logits and tapped features; when
-the training inputs are the same every epoch these are computed once, stored in bf16 on the device and
-looked up by sample index, across epochs and across the trials of one process.
+the training inputs are the same every epoch these are computed once, stored on the device in the dtype the
+live teacher produces (bf16 under CUDA autocast, fp32 on the CPU or with ``train.amp: false``, so cached and
+live outputs are the same numbers) and looked up by sample index, across epochs and across the trials of
+one process.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -21,9 +25,12 @@ from harness.data.normalize import describe_normalization
 from harness.errors import HarnessError
 from harness.models import build_model
 from harness.models.taps import FeatureTap
+from harness.tracking.provenance import HOST
 
 CHECKPOINT_NAME = "model.pt"
 TEACHER_EXPERIMENT = "teachers"  # where teachers trained on demand are logged
+HEARTBEAT_GRACE = 60.0  # a teacher run without a heartbeat for this long is dead (HARNESS_LEASE_GRACE), as
+# trials' leases are (sweep/leases.py)
 
 
 def is_checkpoint(spec: str) -> bool:
@@ -40,23 +47,34 @@ def teacher_config(spec: str):
     return cfg
 
 
+def find_teacher(spec: str, tracker) -> tuple[str, str] | None:
+    """(run id, experiment) of a finished run of the teacher experiment ``spec`` (found by its config hash):
+    in ``teachers`` first, then in any experiment (a study's seed run with the same config)."""
+    config_hash = teacher_config(spec).hash()
+    return tracker.finished_run(config_hash, [TEACHER_EXPERIMENT]) or tracker.finished_run(config_hash)
+
+
 def find_teacher_run(spec: str, tracker) -> str | None:
-    """The finished run that trained the teacher experiment ``spec`` (found by its config hash), if any."""
-    return tracker.finished_run_id(teacher_config(spec).hash())
+    """The run id of :func:`find_teacher`, if any."""
+    found = find_teacher(spec, tracker)
+    return found[0] if found else None
 
 
-def find_or_train_teacher(spec: str, tracker, quiet: bool = False) -> str:
-    """The run id of the teacher experiment ``spec``: an earlier finished run, else one trained now."""
-    run_id = find_teacher_run(spec, tracker)
-    if run_id is not None:
-        return run_id
+def find_or_train_teacher(spec: str, tracker, quiet: bool = False) -> tuple[str, str]:
+    """(run id, experiment) of the teacher experiment ``spec``: an earlier finished run, else one trained
+    now. Runs of it left RUNNING by a process that died are closed as KILLED first."""
+    found = find_teacher(spec, tracker)
+    if found is not None:
+        return found
     from harness.engine.progress import console, epoch_progress
     from harness.engine.run import run_experiment
 
     cfg = teacher_config(spec)
+    closed = close_dead_teacher_runs(tracker, cfg.hash())
     if not quiet:
+        again = f" again (run {', '.join(closed)} died with its process: closed as KILLED)," if closed else ""
         console.print(
-            f"Training teacher [bold]{spec}[/bold] once for this and later runs "
+            f"Training teacher [bold]{spec}[/bold]{again} once for this and later runs "
             f"(MLflow experiment '{TEACHER_EXPERIMENT}', config hash {cfg.hash()})"
         )
     with epoch_progress(cfg.train.epochs, f"teacher {cfg.name}", enabled=not quiet) as progress:
@@ -65,26 +83,64 @@ def find_or_train_teacher(spec: str, tracker, quiet: bool = False) -> str:
         )
     if outcome.state != "finished":
         raise HarnessError(f"training teacher {spec} ended {outcome.state}; fix its recipe and run again")
-    return outcome.run_id
+    return outcome.run_id, TEACHER_EXPERIMENT
+
+
+def close_dead_teacher_runs(tracker, config_hash: str) -> list[str]:
+    """Close as KILLED (with a ``failure`` tag) the teacher runs of this config left RUNNING by a process
+    that is gone; returns their ids."""
+    closed = []
+    for record in tracker.open_runs(TEACHER_EXPERIMENT, config_hash):
+        why = dead_because(record, time.time())
+        if why is not None:
+            run = tracker.run(record["run_id"])
+            run.set_tags({"failure": f"teacher training died: {why}; trained again by a later run"})
+            run.end("abandoned")
+            closed.append(record["run_id"])
+    return closed
+
+
+def dead_because(record: dict, now: float) -> str | None:
+    """Why a RUNNING run's process is dead, or None while it may be alive: on this host its pid is gone;
+    anywhere, its last heartbeat (or its start, for runs from before heartbeats) is older than the grace."""
+    host, pid = record.get("tags.host"), record.get("tags.pid")
+    if host == HOST and pid and not pid_alive(int(pid)):
+        return f"process {host}:{pid} is gone"
+    last = float(record.get("tags.heartbeat") or (record.get("start_time") or 0) / 1000)
+    grace = float(os.environ.get("HARNESS_LEASE_GRACE", HEARTBEAT_GRACE))
+    if now - last > grace:
+        return f"no heartbeat from {host or 'its process'}:{pid or '?'} for {now - last:.0f} s"
+    return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def load_teacher(spec: str, tracker, device: torch.device, data: DataSplits, data_cfg=None):
-    """The frozen teacher model, a description of where it came from, and its training config.
+    """The frozen teacher model, tags saying where it came from (``teacher.source``, and for a teacher run
+    ``teacher.found_in``: ``<experiment>/<run id>``), and its training config.
 
     With the student's ``data_cfg``, the teacher's input normalisation (in its recorded config) must match."""
     student_data = data_cfg.model_dump(mode="json") if data_cfg is not None else None
     if is_checkpoint(spec):
         model, payload = load_checkpoint(spec, device)
-        source = f"checkpoint {spec}"
+        tags = {"teacher.source": f"checkpoint {spec}"}
     else:
         if student_data is not None:  # before the teacher is trained
             check_normalization(
                 spec, teacher_config(spec).model_dump(mode="json"), student_data, data.in_channels
             )
-        run_id = find_or_train_teacher(spec, tracker)
+        run_id, experiment = find_or_train_teacher(spec, tracker)
         with tempfile.TemporaryDirectory() as tmp:
             model, payload = load_checkpoint(tracker.download(run_id, CHECKPOINT_NAME, tmp), device)
-        source = f"run {run_id} ({spec})"
+        tags = {"teacher.source": f"run {run_id} ({spec})", "teacher.found_in": f"{experiment}/{run_id}"}
     if payload["num_classes"] != data.num_classes or payload["in_channels"] != data.in_channels:
         raise HarnessError(
             f"teacher {spec} was trained for {payload['num_classes']} classes / {payload['in_channels']} input "
@@ -93,7 +149,7 @@ def load_teacher(spec: str, tracker, device: torch.device, data: DataSplits, dat
         )
     if student_data is not None:
         check_normalization(spec, payload["config"], student_data, data.in_channels)
-    return model, source, payload["config"]
+    return model, tags, payload["config"]
 
 
 def check_normalization(spec: str, teacher_cfg: dict, student_data: dict, in_channels: int) -> None:
@@ -159,7 +215,8 @@ class LiveTeacher:
 
 
 class CachedTeacher:
-    """The teacher's outputs for every training sample, computed once and stored in bf16."""
+    """The teacher's outputs for every training sample, computed once and stored in the dtype they come in
+    (the training dtype: bf16 under autocast, else fp32), so serving from the cache changes no value."""
 
     def __init__(self, live: LiveTeacher, split, device: torch.device, batch_size: int):
         self.store: dict[str, torch.Tensor] = {}
@@ -168,9 +225,9 @@ class CachedTeacher:
             for name, value in {"__logits__": logits, **feats}.items():
                 if name not in self.store:
                     self.store[name] = torch.empty(
-                        (len(split), *value.shape[1:]), dtype=torch.bfloat16, device=device
+                        (len(split), *value.shape[1:]), dtype=value.dtype, device=device
                     )
-                self.store[name][idx.to(device)] = value.to(torch.bfloat16)
+                self.store[name][idx.to(device)] = value
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor):
         idx = idx.to(self.store["__logits__"].device)
@@ -181,8 +238,8 @@ class CachedTeacher:
 def cache_bytes(live: LiveTeacher, split, device: torch.device) -> int:
     x, _, idx = next(iterate_batches(split, 1, device=device, shuffle=False))
     logits, feats = live(x, idx)
-    per_sample = logits.numel() + sum(f.numel() for f in feats.values())
-    return per_sample * 2 * len(split)
+    per_sample = sum(t.numel() * t.element_size() for t in (logits, *feats.values()))
+    return per_sample * len(split)
 
 
 _CACHE: dict[tuple, CachedTeacher] = {}

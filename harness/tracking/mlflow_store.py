@@ -8,6 +8,7 @@ under ``mlruns/artifacts/``; ``MLFLOW_TRACKING_URI`` (or an explicit URI) overri
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import yaml
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 PARAM_VALUE_LIMIT = 6000
+HEARTBEAT_INTERVAL = 10.0  # seconds between a heartbeat run's ``heartbeat`` tags
 
 # run status in MLflow for each way a training run can end
 RUN_STATUS = {
@@ -121,10 +123,17 @@ class Tracker:
 
     # Named queries: the only questions the rest of the harness asks the store.
 
-    def finished_run_id(self, config_hash: str) -> str | None:
-        """A finished run of the config with this hash (``ExperimentConfig.hash``), in any experiment."""
-        found = self._search(None, f"tags.config_hash = '{config_hash}' and tags.state = 'finished'")
-        return found[0].info.run_id if found else None
+    def finished_run(self, config_hash: str, experiments: list[str] | None = None) -> tuple[str, str] | None:
+        """(run id, experiment name) of a finished run of the config with this hash (``ExperimentConfig.hash``)
+        in the named experiments (all of them when none are named), if there is one."""
+        names = self._experiment_ids(experiments)
+        found = self._search(experiments, f"tags.config_hash = '{config_hash}' and tags.state = 'finished'")
+        return (found[0].info.run_id, names[found[0].info.experiment_id]) if found else None
+
+    def open_runs(self, experiment: str, config_hash: str) -> list[dict[str, Any]]:
+        """Records (as ``run_record``) of the config's runs in ``experiment`` still marked RUNNING."""
+        query = f"tags.config_hash = '{config_hash}' and attributes.status = 'RUNNING'"
+        return [_record(r, experiment) for r in self._search([experiment], query)]
 
     def study_names(self) -> list[str]:
         """Experiments that hold a study's parent run (tag role=study)."""
@@ -225,6 +234,35 @@ class Run:
     def reopen(self) -> None:
         self._client.update_run(self.id, status="RUNNING")
         self.set_tags({"state": "running"})
+
+
+class Heartbeat:
+    """While active, sets the run's ``heartbeat`` tag (Unix seconds) every ``interval`` seconds from a
+    background thread, so another process can tell a live run from one whose process died."""
+
+    def __init__(self, run: Run, interval: float = HEARTBEAT_INTERVAL):
+        self.run, self.interval = run, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="run-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        self.run.set_tags({"heartbeat": f"{time.time():.0f}"})
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._beat()
+            except Exception:  # the store went away; the run's end is recorded by the main thread
+                return
+
+    def __enter__(self) -> Heartbeat:
+        self._beat()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _record(run, experiment: str | None) -> dict[str, Any]:

@@ -1,13 +1,16 @@
-"""What a run needs to be reproduced: git commit, package versions, device."""
+"""What a run needs to be reproduced: git commit, package versions, device and training threads."""
 
 from __future__ import annotations
 
+import os
 import platform
+import socket
 import subprocess
 from importlib import metadata
 
 import torch
 
+HOST = socket.gethostname()
 PACKAGES = ("torch", "torchvision", "torchmetrics", "mlflow", "optuna", "pydantic", "numpy")
 
 
@@ -30,9 +33,21 @@ def git_commit() -> str:
 
 
 def device_name(device: torch.device) -> str:
+    """The accelerator's name, or the CPU's model: what the hardware is, not how many threads ran on it."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"cpu ({cpu_model()})"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def versions() -> dict[str, str]:
@@ -49,5 +64,11 @@ def provenance_tags(device: torch.device) -> dict[str, str]:
     return {
         "git_commit": git_commit(),
         "device": device_name(device),
+        "train_threads": str(torch.get_num_threads()),  # CPU intra-op threads while training
         **{f"version.{k}": v for k, v in versions().items()},
     }
+
+
+def process_tags() -> dict[str, str]:
+    """The host and pid of the process writing a run: with a heartbeat, how a dead run is recognised."""
+    return {"host": HOST, "pid": str(os.getpid())}
