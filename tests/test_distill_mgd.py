@@ -127,3 +127,25 @@ def test_errors_name_the_fix():
         ValueError, match=r"mgd: aligned student feature \(2, 5, 4, 4\) does not match.*setup"
     ):
         d(kd_batch(rand(2, 3, 4, 4), rand(2, 6, 4, 4)))
+
+
+def test_default_taps_are_the_backbones_last_stage_not_the_decoders():
+    """The paper's segmentation code distils the backbone's last stage: the k-UNet's bottleneck."""
+    from harness.models.dilated_br import DilatedBR
+    from harness.models.unet import UNet
+
+    def chosen(student, teacher, **kw):
+        d = KD_METHODS.build(KD_METHODS.config_class("mgd")(**kw))
+        d.choose_layers(student.kd_layers, teacher.kd_layers)
+        return d.student_layers, d.teacher_layers
+
+    s, t = UNet(1, 3, width=2, depth=3), UNet(1, 3, width=4, depth=3)
+    assert chosen(s, t) == (["bottleneck"], ["bottleneck"])
+    assert chosen(s, t, num_layers=2) == (["down.1", "bottleneck"], ["down.1", "bottleneck"])
+    assert chosen(s, t, student_layers=["up.1"], teacher_layers=["up.1"]) == (["up.1"], ["up.1"])
+    assert chosen(DilatedBR(1, 3), t) == (["enc.3"], ["bottleneck"])
+    assert chosen(s, t, num_layers=9)[0] == ["down.0", "down.1", "bottleneck"]
+    # a model whose taps are all decoder stages keeps them
+    d = KD_METHODS.build(KD_METHODS.config_class("mgd")())
+    d.choose_layers(["up.0", "up.1"], ["up.0", "up.1"])
+    assert d.student_layers == ["up.1"]
