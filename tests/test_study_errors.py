@@ -99,6 +99,14 @@ BROKEN = {
         "use pruner: {name: wilcoxon}",
     ),
     "wilcoxon with one seed": (lambda s: {**s, "pruner": {"name": "wilcoxon"}}, "list at least 2 seeds"),
+    "train.seed fixed and seeds listed": (
+        lambda s: {**s, "fixed": {"train.seed": 5}, "seeds": [0, 1]},
+        "['fixed.train.seed'] set train.seed and seeds is listed too",
+    ),
+    "train.seed searched under another name and seeds listed": (
+        lambda s: {**s, "seeds": [0], "search": {"s": {"key": "train.seed", "choices": [0, 1]}}},
+        "['search.s'] set train.seed and seeds is listed too",
+    ),
 }
 
 

@@ -3,14 +3,26 @@ budget and seeds. Validated completely before anything is written to MLflow or O
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
+import json
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from harness.config import (
+    SELECTABLE,
     ExperimentConfig,
     apply_overrides,
     build_experiment,
@@ -18,6 +30,8 @@ from harness.config import (
     load_experiment,
     read_yaml,
 )
+from harness.data.base import QUALITY
+from harness.engine.teacher import is_checkpoint, teacher_config
 from harness.errors import ConfigError
 
 FINAL_METRICS = (
@@ -170,11 +184,18 @@ class StudyConfig(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     fixed: dict[str, Any] = Field(default_factory=dict)
     search: dict[str, Param] = Field(default_factory=dict)
+    _configs: dict = PrivateAttr(default_factory=dict)  # trial_config by parameters
+    _keys: dict = PrivateAttr(default_factory=dict)  # trial_key by parameters
 
     @model_validator(mode="after")
     def _check(self):
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError("seeds has duplicates; list each seed once")
+        if self.seed_keys() and "seeds" in self.model_fields_set:
+            raise ValueError(
+                f"{self.seed_keys()} set train.seed and seeds is listed too, so each trial's seed would be "
+                "set twice; drop seeds, or drop train.seed and list the seeds in seeds"
+            )
         overlap = set(self.fixed) & {p.target(k) for k, p in self.search.items()}
         if overlap:
             raise ValueError(f"{sorted(overlap)} both fixed and searched; keep it in one of them")
@@ -222,20 +243,112 @@ class StudyConfig(_Strict):
     def grid(self) -> dict[str, list[Any]]:
         return {k: list(p.choices) for k, p in self.search.items()}
 
+    def seed_keys(self) -> list[str]:
+        """The fixed keys and search entries that set ``train.seed`` (by the key they set, not their name)."""
+        fixed = [f"fixed.{k}" for k in self.fixed if k == "train.seed"]
+        return fixed + [f"search.{k}" for k, p in self.search.items() if p.target(k) == "train.seed"]
+
+    def targets(self) -> set[str]:
+        return set(self.fixed) | {p.target(k) for k, p in self.search.items()}
+
     def overrides(self, params: dict[str, Any]) -> dict[str, Any]:
         """Experiment overrides for sampled ``params`` (keyed by search entry name)."""
         out = dict(self.fixed)
         if self.teacher:
             out["teacher"] = self.teacher
+        metric = self.objective.metric
+        chosen = metric in SELECTABLE and metric.removeprefix("val/") not in QUALITY.values()
+        if chosen and "train.select_on" not in self.targets():  # the best epoch is judged as trials are
+            out["train.select_on"] = metric
         out.update({self.search[k].target(k) if k in self.search else k: v for k, v in params.items()})
         return out
 
+    def trial_config(self, params: dict[str, Any]) -> ExperimentConfig:
+        """The experiment config a trial with ``params`` trains, built once per process: a file edited
+        during a sweep changes neither what its trials train nor what they count as."""
+        frozen = tuple(sorted(params.items()))
+        if frozen not in self._configs:
+            self._configs[frozen] = load_experiment(self.experiment, self.overrides(params))
+        return self._configs[frozen]
 
-def load_study(path: str | Path) -> StudyConfig:
-    """Read and fully validate a study file; every problem is reported as `file: key: message`."""
+    def trial_seeds(self, cfg: ExperimentConfig) -> list[int]:
+        """A study that fixes or searches train.seed trains that one seed; otherwise its seeds."""
+        return [cfg.train.seed] if self.seed_keys() else list(self.seeds)
+
+    def trial_key(self, params: dict[str, Any]) -> tuple[str, tuple[int, ...]] | None:
+        """What a trial with ``params`` trains under this file: (config hash, seeds); None when the
+        parameters no longer make a valid config (e.g. a search entry was removed)."""
+        frozen = tuple(sorted(params.items()))
+        if frozen not in self._keys:
+            try:
+                cfg = self.trial_config(params)
+                self._keys[frozen] = (config_hash(cfg), tuple(self.trial_seeds(cfg)))
+            except ConfigError:
+                self._keys[frozen] = None
+        return self._keys[frozen]
+
+    def definition(self) -> dict[str, Any]:
+        """What decides which configurations the study trains and how they are judged; stored with the
+        study, so a run of a changed file can say what changed."""
+        teacher = self.teacher or read_yaml(self.experiment).get("teacher")
+        return {
+            "objective": self.objective.model_dump(),
+            "constraints": [c.model_dump(exclude_none=True) for c in self.constraints],
+            "experiment": {"file": self.experiment, "digest": _digest(_experiment_tree(self.experiment))},
+            "teacher": {"file": teacher, "identity": teacher_identity(teacher)} if teacher else None,
+            "seeds": list(self.seeds),
+            "fixed": json.loads(json.dumps(self.fixed, default=str)),
+            "search": {k: p.model_dump(mode="json", exclude_defaults=True) for k, p in self.search.items()},
+        }
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    """The hash of what a trial trains, seed aside: its resolved config, with the teacher named by what it
+    is (and left out when no KD method uses it)."""
+    kd = cfg.kd.method != "none"
+    teacher = teacher_identity(cfg.teacher) if cfg.teacher and kd else None
+    train = cfg.train.model_copy(update={"seed": 0})
+    return cfg.model_copy(update={"teacher": teacher, "train": train}).hash()
+
+
+def teacher_identity(spec: str) -> str:
+    """A teacher by what it is, not where it lies: a teacher experiment's config hash (as the teacher is
+    found in MLflow), or a checkpoint's content digest."""
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"teacher: file {spec} not found; point it at an experiment file or checkpoint")
+    stat = path.stat()
+    return _identity(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _identity(path: str, mtime_ns: int, size: int) -> str:
+    if not is_checkpoint(path):
+        return teacher_config(path).hash()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _experiment_tree(path: str) -> dict[str, Any]:
+    return {k: v for k, v in read_yaml(path).items() if k != "name"}
+
+
+def _digest(tree: Any) -> str:
+    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_study(path: str | Path, name: str | None = None) -> StudyConfig:
+    """Read and fully validate a study file; every problem is reported as `file: key: message`.
+
+    ``name`` (the CLI's --study-name) replaces the file's name: the same file as a new study."""
     path = Path(path)
     tree = read_yaml(path)
     tree.setdefault("name", path.stem)
+    if name:
+        tree["name"] = name
     try:
         study = StudyConfig.model_validate(tree)
     except ValidationError as exc:

@@ -46,7 +46,7 @@ class StudyDisplay:
     def refresh(self) -> None:
         from harness.sweep.optuna_study import summarize, used_budget
 
-        summary = summarize(self.study)
+        summary = summarize(self.study, self.cfg)
         c, best = summary["counts"], summary["best"]
         info = f"done {c['finished']} pruned {c['pruned']} diverged {c['diverged']} failed {c['failed']}"
         if best:
@@ -54,7 +54,7 @@ class StudyDisplay:
                 f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items()
             )
             info += f" | best {best['value']:.4f} (#{best['number']}: {params})"
-        self.bar.update(self.trials, completed=used_budget(self.study), info=info)
+        self.bar.update(self.trials, completed=used_budget(self.study, cfg=self.cfg), info=info)
 
     def epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         val = metrics.get(self.cfg.objective.metric)

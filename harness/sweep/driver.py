@@ -21,7 +21,11 @@ def ensure_teacher(study: StudyConfig, tracker: Tracker) -> None:
 
 
 def open_parent(tracker: Tracker, study: StudyConfig, storage: str | None, reopen: bool = True) -> Run:
-    """The study's one parent run (created on first use, reused when the study is resumed or joined)."""
+    """The study's one parent run (created on first use, reused when the study is resumed or joined).
+
+    The Optuna study is opened first: a file that changed the study's objective is refused before anything
+    is written to MLflow, and a changed definition is announced."""
+    open_study(study, storage)
     tags = {"optuna.storage": _redact(storage) or "journal (default)"}
     run, created = tracker.parent_run(study.name, tags)
     if created:
@@ -31,7 +35,9 @@ def open_parent(tracker: Tracker, study: StudyConfig, storage: str | None, reope
                 "objective": f"{study.objective.direction} {study.objective.metric}",
                 "sampler": study.sampler.name,
                 "pruner": study.pruner.name,
-                "seeds": study.seeds,
+                "seeds": f"one per trial: {', '.join(study.seed_keys())}"
+                if study.seed_keys()
+                else study.seeds,
                 "budget.trials": study.budget.trials,
                 "experiment": study.experiment,
                 "teacher": study.teacher,
@@ -78,7 +84,7 @@ def run_in_process(
             )
         except KeyboardInterrupt:
             return "interrupted"
-    if study.budget.trials is not None and used_budget(optuna_study) >= study.budget.trials:
+    if study.budget.trials is not None and used_budget(optuna_study, cfg=study) >= study.budget.trials:
         return "spent"
     return "finished"
 
@@ -97,7 +103,7 @@ def finish_parent(
     study: StudyConfig, tracker: Tracker, parent: Run, storage: str | None, state: str, announce: bool = True
 ) -> int:
     optuna_study = open_study(study, storage)
-    summary = summarize(optuna_study)
+    summary = summarize(optuna_study, study)
     counts, best = summary["counts"], summary["best"]
     metrics = {f"trials_{k}": v for k, v in counts.items()}
     if best:

@@ -21,6 +21,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from harness.errors import ConfigError
 from harness.sweep.config import StudyConfig, example_experiment
 from harness.sweep.leases import recover_dead_trials
 
@@ -137,9 +138,16 @@ def make_pruner(study: StudyConfig):
 def open_study(
     study: StudyConfig, storage_url: str | None, heartbeat: int | None = None, worker: int = 0
 ) -> optuna.Study:
+    """The study named in ``study``, created on first use. A study stored under that name with another
+    objective is refused; one stored with another definition (experiment, teacher, fixed, seeds, search)
+    gets one line saying what changed, and its definition is updated."""
     storage = open_storage(storage_url, heartbeat)
-    found = [s for s in storage.get_all_studies() if s.study_name == study.name]
-    stored = storage.get_n_trials(found[0]._study_id) if found else 0
+    found = next((s for s in storage.get_all_studies() if s.study_name == study.name), None)
+    stored = storage.get_n_trials(found._study_id) if found else 0
+    earlier = 0 if found is None else _counted(storage.get_all_trials(found._study_id, deepcopy=False))
+    definition = study.definition()
+    if found is not None:
+        check_judged_alike(study.name, found, definition, earlier)
     opened = optuna.create_study(
         study_name=study.name,
         storage=storage,
@@ -148,24 +156,101 @@ def open_study(
         direction=study.objective.direction,
         load_if_exists=True,
     )
+    old = found.user_attrs.get("definition") if found is not None else None
+    if old != definition:
+        changes = definition_changes(old, definition) if old and earlier else []
+        if changes:
+            print(
+                f"note: study {study.name}: {'; '.join(changes)} since its {earlier} earlier trials; they "
+                "are kept, and only configurations not yet trained under this file will run",
+                file=sys.stderr,
+            )
+        opened.set_user_attr("definition", definition)
     if study.sampler.name == "grid":
         enqueue_grid(study, opened)
     return opened
 
 
+def check_judged_alike(name: str, found, definition: dict[str, Any], trials: int) -> None:
+    """Earlier trials were judged on the stored objective and constraints: a file that changes them cannot
+    resume the study (Optuna would keep the stored direction, and trials' feasibility would be stale)."""
+    old = found.user_attrs.get("definition") or {}  # none stored: a study from before definitions
+    direction = found.directions[0].name.lower()
+    metric = definition["objective"]["metric"]
+    before = {
+        "objective": old.get("objective", {"metric": metric, "direction": direction}),
+        "constraints": old.get("constraints", definition["constraints"]),
+    }
+    after = {k: definition[k] for k in before}
+    if before == after:
+        return
+    key = "objective" if before["objective"] != after["objective"] else "constraints"
+
+    def show(d):
+        o = d["objective"]
+        return f"{o['direction']} {o['metric']}" if key == "objective" else f"constraints {d['constraints']}"
+
+    raise ConfigError(
+        f"study {name}: its {trials} earlier trials were judged on {show(before)}, this file asks for "
+        f"{show(after)}; keep the old one, or start a new study with --study-name NEW (or name: in the file)"
+    )
+
+
+def definition_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What changed between two stored definitions (objective and constraints aside), one phrase each."""
+    out = []
+    for key in ("experiment", "teacher"):
+        before, after = old.get(key) or {}, new.get(key) or {}
+        if before.get("file") != after.get("file"):
+            out.append(f"{key} {before.get('file')} -> {after.get('file')}")
+        elif before != after:
+            out.append(f"{key} {after.get('file')} edited")
+    if old.get("seeds") != new["seeds"]:
+        out.append(f"seeds {old.get('seeds')} -> {new['seeds']}")
+    before, after = old.get("fixed") or {}, new["fixed"]
+    for k in sorted(set(before) | set(after), key=list({**before, **after}).index):
+        if before.get(k, ...) != after.get(k, ...):
+            out.append(f"fixed {k}: {before.get(k, '(unset)')} -> {after.get(k, '(unset)')}")
+    before, after = old.get("search") or {}, new["search"]
+    for k in [*after, *(k for k in before if k not in after)]:
+        if before.get(k) != after.get(k):
+            what = "added" if k not in before else "removed" if k not in after else "changed"
+            out.append(f"search {k} {what}")
+    return out
+
+
+def trial_key(t, study: StudyConfig) -> tuple[str, tuple[int, ...]] | None:
+    """What a stored trial trains: its config hash and seeds. A waiting trial, or one from before config
+    hashes were stored, is taken to train what its parameters resolve to under the current file."""
+    if "config_hash" in t.user_attrs:
+        return t.user_attrs["config_hash"], tuple(t.user_attrs["seeds"])
+    key = study.trial_key(t.params or t.system_attrs.get("fixed_params") or {})
+    if key is None or "seeds" not in t.user_attrs:
+        return key
+    return key[0], tuple(t.user_attrs["seeds"])
+
+
+def is_current(t, study: StudyConfig | None) -> bool:
+    """Whether a stored trial trained what the current file trains for its parameters; trials from before
+    config hashes were stored count as current."""
+    if study is None or "config_hash" not in t.user_attrs:
+        return True
+    return trial_key(t, study) == study.trial_key(t.params)
+
+
 def enqueue_grid(study: StudyConfig, opened: optuna.Study) -> None:
-    """Every grid point as a waiting trial, unless a trial with its parameters has run, runs or waits (a
-    re-run enqueues only what is missing; a point enqueued twice by racing workers is caught as a duplicate
-    when it runs)."""
-    taken = [
-        t.params or t.system_attrs.get("fixed_params")
+    """Every grid point as a waiting trial, unless a trial that trains the same config with the same seeds
+    has run, runs or waits (a re-run enqueues only what is missing, also after the file changed; a point
+    enqueued twice by racing workers is caught as a duplicate when it runs)."""
+    taken = {
+        trial_key(t, study)
         for t in opened.get_trials(deepcopy=False)
         if trial_state(t) in (*COUNTED_STATES, "running")
-    ]
+    }
     grid = study.grid()
     for values in itertools.product(*grid.values()):
         point = dict(zip(grid, values))
-        if point not in taken:
+        if study.trial_key(point) not in taken:
             opened.enqueue_trial(point)
 
 
@@ -184,13 +269,18 @@ def trial_state(t) -> str:
     return t.user_attrs.get("state", "abandoned")
 
 
-def used_budget(study: optuna.Study, before: float | None = None) -> int:
-    """Trials that count toward the budget; with ``before``, trials running (not waiting) with a lower
-    number count too: the budget they hold is taken unless their worker dies."""
+def _counted(trials) -> int:
+    return sum(trial_state(t) in COUNTED_STATES for t in trials)
+
+
+def used_budget(study: optuna.Study, before: float | None = None, cfg: StudyConfig | None = None) -> int:
+    """Trials that count toward the budget; with ``cfg``, only those that trained what the current file
+    trains (a changed file starts its budget afresh). With ``before``, trials running (not waiting) with a
+    lower number count too: the budget they hold is taken unless their worker dies."""
     n = 0
     for t in study.get_trials(deepcopy=False):
         running = before is not None and t.state == TrialState.RUNNING and t.number < before
-        n += trial_state(t) in COUNTED_STATES or running
+        n += (trial_state(t) in COUNTED_STATES and is_current(t, cfg)) or running
     return n
 
 
@@ -220,9 +310,9 @@ def optimize(
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             return
-        if trials is not None and used_budget(study) >= trials:
+        if trials is not None and used_budget(study, cfg=study_cfg) >= trials:
             return
-        allocated = trials is not None and used_budget(study, before=math.inf) >= trials
+        allocated = trials is not None and used_budget(study, before=math.inf, cfg=study_cfg) >= trials
         if allocated or (grid and not _waiting(study)):
             if not _running(study):
                 return
@@ -257,20 +347,23 @@ def _heartbeat_interval(study: optuna.Study) -> int | None:
     return get() if get else None
 
 
-def summarize(study: optuna.Study) -> dict[str, Any]:
-    """Counts by state and the best trial so far, for progress displays and the CLI's last line."""
+def summarize(study: optuna.Study, cfg: StudyConfig | None = None) -> dict[str, Any]:
+    """Counts by state and the best trial so far, for progress displays and the CLI's last line; with
+    ``cfg``, of the trials that trained what the current file trains."""
     counts = dict.fromkeys(("finished", "pruned", "diverged", "failed", "running"), 0)
-    for t in study.get_trials(deepcopy=False):
+    trials = [t for t in study.get_trials(deepcopy=False) if is_current(t, cfg)]
+    for t in trials:
         s = trial_state(t)
         if s in counts:
             counts[s] += 1
-    best = None
-    try:
-        if counts["finished"]:
-            bt = study.best_trial
-            best = {"number": bt.number, "value": bt.value, "params": bt.params}
-    except ValueError:
-        pass
+    feasible = [
+        t
+        for t in trials
+        if t.state == TrialState.COMPLETE and all(v <= 0 for v in t.user_attrs.get("constraints", []))
+    ]
+    pick = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
+    bt = pick(feasible, key=lambda t: t.value, default=None)
+    best = None if bt is None else {"number": bt.number, "value": bt.value, "params": bt.params}
     return {"counts": counts, "best": best}
 
 

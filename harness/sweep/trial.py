@@ -20,7 +20,6 @@ from typing import Any
 
 import optuna
 
-from harness.config import load_experiment
 from harness.data.base import QUALITY
 from harness.engine.run import run_experiment
 from harness.errors import HarnessError
@@ -32,6 +31,7 @@ from harness.sweep.optuna_study import (
     TrialDiverged,
     TrialFailed,
     is_enqueued,
+    trial_key,
     trial_state,
     used_budget,
 )
@@ -54,16 +54,23 @@ def sample(trial: optuna.Trial, study: StudyConfig) -> dict[str, Any]:
     return params
 
 
-def duplicate_of(trial: optuna.Trial, params: dict[str, Any], seeds: list[int]) -> int | None:
-    """An earlier trial with these parameters and seeds that finished (in any counted state) or is still
-    running, if there is one."""
+def duplicate_of(trial: optuna.Trial, study: StudyConfig, config: str, seeds: list[int]) -> int | None:
+    """An earlier trial that trained this config hash with these seeds and finished (in any counted state)
+    or is still running, if there is one."""
     for t in trial.study.get_trials(deepcopy=False):
-        if t.number == trial.number or t.params != params or t.user_attrs.get("seeds", seeds) != seeds:
+        if t.number == trial.number or trial_key(t, study) != (config, tuple(seeds)):
             continue
         state = trial_state(t)
         if state in COUNTED_STATES or (state == "running" and t.number < trial.number and t.datetime_start):
             return t.number
     return None
+
+
+def is_baseline(study: StudyConfig, cfg) -> bool:
+    """The no-KD trial of a study that searches kd.method: the report compares every KD method with it, so
+    it is never pruned."""
+    searched = any(p.target(k) == "kd.method" for k, p in study.search.items())
+    return searched and cfg.kd.method == "none"
 
 
 def close_dead_runs(tracker: Tracker, study: str):
@@ -89,26 +96,25 @@ class TrialRunner:
 
     def __call__(self, trial: optuna.Trial) -> float:
         budget = self.study.budget.trials
-        if budget is not None and used_budget(trial.study, before=trial.number) >= budget:
+        if budget is not None and used_budget(trial.study, before=trial.number, cfg=self.study) >= budget:
             self._skip(trial, "surplus")
         if self.study.sampler.name == "grid" and not is_enqueued(trial):
             self._skip(trial, "surplus")  # every grid point is enqueued once; this worker found none left
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         self._abandon_stale_runs(trial)
         params = sample(trial, self.study)  # a retried trial gets its dead original's params back
-        base = load_experiment(self.study.experiment, self.study.overrides(params))
-        seeds = (
-            [base.train.seed] if "train.seed" in params else list(self.study.seeds)
-        )  # a searched seed wins
-        trial.set_user_attr("seeds", seeds)
-        earlier = duplicate_of(trial, params, seeds)
+        base = self.study.trial_config(params)
+        key, seeds = self.study.trial_key(params)  # what the trial trains: config hash and seeds
+        trial.set_user_attr("seeds", list(seeds))
+        trial.set_user_attr("config_hash", key)
+        earlier = duplicate_of(trial, self.study, key, seeds)
         if earlier is not None:
             self.duplicate_streak += 1
             trial.set_user_attr("duplicate_of", earlier)
             self._skip(trial, "duplicate")
         self.duplicate_streak = 0
         with Lease(trial):
-            return self._train(trial, params, base, seeds)
+            return self._train(trial, params, base, list(seeds))
 
     def _skip(self, trial: optuna.Trial, state: str):
         trial.set_user_attr("state", state)
@@ -120,11 +126,18 @@ class TrialRunner:
             self.study.name,
             f"trial-{trial.number}",
             parent_id=self.parent_id,
-            tags={**tags, "role": "trial", "state": "running", "kd.method": base.kd.method},
+            tags={
+                **tags,
+                "role": "trial",
+                "state": "running",
+                "kd.method": base.kd.method,
+                "config_hash": self.study.trial_key(params)[0],
+            },
         )
         run.log_params({**base.flat(), **{f"search.{k}": v for k, v in params.items()}, "seeds": seeds})
         trial.set_user_attr("mlflow_run_id", run.id)
         per_seed = self.study.pruner.name == "wilcoxon"
+        prunable = not is_baseline(self.study, base)
         results, states = [], []
         try:
             for seed in seeds:
@@ -137,7 +150,7 @@ class TrialRunner:
                     parent_id=run.id,
                     tags={**tags, "seed": seed},
                     role="seed",
-                    on_epoch=None if per_seed else self._epoch_reporter(trial),
+                    on_epoch=None if per_seed else self._epoch_reporter(trial, prunable),
                     stop_states={optuna.TrialPruned: "pruned"},
                     progress=self.progress,
                 )
@@ -145,7 +158,8 @@ class TrialRunner:
                 if outcome.state == "finished":
                     results.append(outcome.metrics)
                     if per_seed:
-                        self._report(trial, outcome.metrics.get(self.study.objective.metric), seed, "seed")
+                        value = outcome.metrics.get(self.study.objective.metric)
+                        self._report(trial, value, seed, "seed", prunable)
         except optuna.TrialPruned:
             trial.set_user_attr("state", "pruned")
             run.end("pruned")
@@ -197,16 +211,17 @@ class TrialRunner:
         for number in stale:
             close(number, f"worker died (heartbeat stale); retried as trial {trial.number}")
 
-    def _report(self, trial: optuna.Trial, value: float | None, step: int, unit: str) -> None:
+    def _report(self, trial: optuna.Trial, value: float | None, step: int, unit: str, prunable: bool) -> None:
+        """Report an intermediate value (the pruner compares others with it); prune only if ``prunable``."""
         if value is None or self.study.pruner.name == "none":
             return
         trial.report(value, step)
-        if trial.should_prune():
+        if prunable and trial.should_prune():
             raise optuna.TrialPruned(f"pruned after {unit} {step}")
 
-    def _epoch_reporter(self, trial: optuna.Trial):
+    def _epoch_reporter(self, trial: optuna.Trial, prunable: bool):
         def report(epoch: int, metrics: dict[str, float]) -> None:
-            self._report(trial, metrics.get(self.study.objective.metric), epoch, "epoch")
+            self._report(trial, metrics.get(self.study.objective.metric), epoch, "epoch", prunable)
 
         return report
 

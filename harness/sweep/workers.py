@@ -26,6 +26,7 @@ def run_gpu_workers(args, slots: list[str]) -> int:
     waits for all of them."""
     cmd = [sys.executable, "-m", "harness", "worker", "--study", args.study, "--per-gpu", "1", "--quiet"]
     for flag, value in (
+        ("--study-name", getattr(args, "study_name", None)),
         ("--storage", args.storage),
         ("--tracking-uri", args.tracking_uri),
         ("--trials", args.trials),
@@ -60,6 +61,7 @@ def run_local_workers(study, tracker, parent, args) -> str:
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
         cmd = [sys.executable, "-m", "harness", "worker", "--study", args.study, "--quiet"]
         for flag, value in (
+            ("--study-name", getattr(args, "study_name", None)),
             ("--storage", args.storage),
             ("--trials", study.budget.trials),
             ("--timeout", study.budget.timeout),
