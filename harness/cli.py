@@ -53,7 +53,7 @@ def _load_study(args):
     """The validated study file with the command line's budget overrides. Nothing is written before this."""
     from harness.sweep.config import load_study
 
-    study = load_study(args.study)
+    study = load_study(args.study, name=args.study_name)
     if args.trials is not None:
         study.budget.trials = args.trials
     if args.timeout is not None:
@@ -116,6 +116,10 @@ def _store_options(p) -> None:
 
 def _study_options(p) -> None:
     p.add_argument("--study", required=True, help="study file, e.g. studies/quickstart.yaml")
+    p.add_argument(
+        "--study-name",
+        help="run the study file under another name, as a new study (default: the file's name)",
+    )
     p.add_argument("--trials", type=int, help="override budget.trials")
     p.add_argument("--timeout", type=float, help="override budget.timeout (seconds)")
     p.add_argument(
