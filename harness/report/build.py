@@ -117,15 +117,17 @@ def _intro(study: StudyRuns, groups: pd.DataFrame, counts: dict[str, int]) -> li
     )
     if study.teacher:
         t = study.teacher["metrics"]
+        found = f", found in {study.teacher['found_in']}" if study.teacher.get("found_in") else ""
         lines.append(
-            f"Teacher: {study.teacher['name']} (run {study.teacher['run_id'][:8]}), {qlabel} "
+            f"Teacher: {study.teacher['name']} (run {study.teacher['run_id'][:8]}{found}), {qlabel} "
             f"{number(t.get(study.quality, np.nan))}, {number(t.get('params', np.nan))} parameters, "
             f"{number(t.get('ms_per_image', np.nan))} ms/image."
         )
     lines.append(
         "Tables report test metrics as mean ± std over the finished seeds (n), with the seeds that "
         "diverged or failed beside them (k div., k failed; Div. = none finished); configurations are "
-        f"chosen on `{study.objective}` (validation), never on test, those that finished every seed first."
+        f"chosen on `{study.objective}` (validation), never on test, those that finished every seed first "
+        "and pruned ones (stopped by the study's pruner; mean over the seeds they finished) last."
     )
     return lines
 

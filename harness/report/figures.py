@@ -1,5 +1,6 @@
-"""Which plots a study gets, and their data: quality against cost (always), against width and temperature
-(when the study varies them), and the loss curves of each method's best configuration."""
+"""Which plots a study gets, and their data: quality against cost (always), against width (when the study
+varies it) and temperature (when one method's temperature varies), and the loss curves of each method's
+best configuration."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pandas as pd
 from harness.distill.base import temperature_keys
 from harness.report import plots
 from harness.report.compute import seed_mean
-from harness.report.groups import best_per, group_seeds, student_keys, temperature, varying
+from harness.report.groups import best_per, group_seeds, student_keys, tempered, varying
 from harness.report.load import curves
 from harness.report.markdown import number
 from harness.report.tables import label, quality_label
@@ -77,9 +78,8 @@ def make_plots(report, tracker: Tracker, folder: Path) -> list[tuple[str, str]]:
             title=f"{study.name}: {ylabel} against width",
         )
         images.append((f"{ylabel} against student width", "width.png"))
-    temps = groups.assign(x=temperature(groups))
-    temps = temps[temps["x"].notna()]
-    if temps["x"].nunique() > 1:
+    temps = tempered(groups).rename(columns={"_T": "x"})
+    if len(temps):
         others = [k for k in varying(temps) if k not in (*temperature_keys(), "kd.method")]
         keys = [
             k for k in others if temps[f"params.{k}"].nunique() <= min(4, len(temps) - 1)

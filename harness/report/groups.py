@@ -2,12 +2,16 @@
 
 A study lists its seeds (each trial trains every one), and a grid study may also put ``train.seed`` in its
 search; either way a group's observations are its finished seed runs, and every mean comes with the
-spread over those seeds and their number. Pruned trials are left out of the groups (stopped on purpose);
-diverged and failed trials stay in, so their seeds are counted and shown ("Div.", "1 failed"), and a
-configuration with such a seed never ranks above one that finished all of its seeds.
+spread over those seeds and their number. Pruned, diverged and failed trials stay in, so their seeds are
+counted and shown ("Pruned", "Div.", "1 failed"); a configuration with such a seed never ranks above one
+that finished all of its seeds, and a pruned one (every trial of it pruned) ranks last.
+
+Seed runs belong to their trial by the trial run's id (their MLflow parent), never by the trial number: an
+experiment can hold two ``trial-0`` runs (a reset journal, a changed ``--storage``).
 
 ms/image is a property of the student's architecture, not of a configuration: each group carries the
-median over every finished seed run with the same architecture (model.* params, input, device).
+median over every finished seed run timed the same way (the model.* params and the run's ``timing`` tag;
+runs from before that tag: model.* params, input and device).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from harness.distill.base import temperature_keys
 from harness.report.load import StudyRuns
 
 NOT_CONFIG = {"name", "seed", "seeds", "train.seed", "train.device"}
-REPORTED_STATES = ("finished", "diverged", "failed")
+REPORTED_STATES = ("finished", "pruned", "diverged", "failed")
 # what ms/image depends on besides the model: the input (source, size, classes) and the device
 ARCHITECTURE_PARAMS = ("model.", "data.source", "data.image_size", "data.binary", "data.augment.resize")
 NOT_ARCHITECTURE = ("weights", "encoder_weights")  # model.* keys that change the numbers, not the network
@@ -69,9 +73,10 @@ def varying(frame: pd.DataFrame, keys: list[str] | None = None) -> list[str]:
 
 def build_groups(study: StudyRuns) -> pd.DataFrame:
     """One row per configuration: ``group``, the config values (``params.<key>``), ``trials`` (their
-    numbers), ``seeds_finished``, ``seeds_diverged``, ``seeds_failed``, ``complete`` (every trial
-    finished all its seeds), the seed values, and for each summary metric ``<metric>`` (mean over finished
-    seeds), ``<metric> std`` (NaN for one seed) and ``<metric> n``; ms/image is per architecture."""
+    numbers), ``trial_runs`` (their run ids), ``seeds_finished``, ``seeds_diverged``, ``seeds_failed``,
+    ``complete`` (every trial finished all its seeds), ``pruned`` (every trial was pruned), the seed values,
+    and for each summary metric ``<metric>`` (mean over finished seeds), ``<metric> std`` (NaN for one
+    seed) and ``<metric> n``; ms/image is per architecture."""
     trials = study.trials[study.trials["state"].isin(REPORTED_STATES)]
     keys = config_keys(trials)
     ids: dict[tuple, int] = {}
@@ -91,10 +96,12 @@ def build_groups(study: StudyRuns) -> pd.DataFrame:
             **{f"params.{k}": v for k, v in zip(keys, sig)},
             "method": members["method"].iloc[0],
             "trials": sorted(int(n) for n in members["trial"].dropna()),
+            "trial_runs": list(members["run_id"]),
             "seeds_finished": len(done),
             "seeds_diverged": int((runs["state"] == "diverged").sum()),
             "seeds_failed": int((runs["state"] == "failed").sum()),
             "complete": bool((members["state"] == "finished").all()),
+            "pruned": bool((members["state"] == "pruned").all()),
             "seed_values": sorted(int(s) for s in done["seed"].dropna()),
         }
         row["objective"] = _trial_mean(members, study.objective)
@@ -116,8 +123,17 @@ def build_groups(study: StudyRuns) -> pd.DataFrame:
     return groups
 
 
+def signature(frame: pd.DataFrame, cols: list[str]) -> pd.Series:
+    """The values of ``cols`` per row as one string (missing values as None), for grouping rows."""
+    if not cols:
+        return pd.Series("", index=frame.index)
+    return frame[cols].map(lambda v: str(_norm(v))).agg("|".join, axis=1)
+
+
 def architecture(frame: pd.DataFrame) -> pd.Series:
-    """A key per run: the params and device that ms/image depends on (not the weights, seed or KD)."""
+    """A key per run for its ms/image: the model.* params (not the weights) and the run's ``timing`` tag
+    (device, timing threads, input shape, dtype, memory format: what was timed). A run without that tag
+    (logged before it existed) is keyed on the params ms/image depends on and its ``device`` tag."""
     cols = sorted(
         c
         for c in frame.columns
@@ -125,10 +141,12 @@ def architecture(frame: pd.DataFrame) -> pd.Series:
         and c.removeprefix("params.").startswith(ARCHITECTURE_PARAMS)
         and c.rsplit(".", 1)[-1] not in NOT_ARCHITECTURE
     )
-    cols += ["tags.device"] if "tags.device" in frame else []
-    if not cols:
-        return pd.Series("", index=frame.index)
-    return frame[cols].map(lambda v: str(_norm(v))).agg("|".join, axis=1)
+    legacy = "device|" + signature(frame, cols + (["tags.device"] if "tags.device" in frame else []))
+    if "tags.timing" not in frame:
+        return legacy
+    model = signature(frame, [c for c in cols if c.startswith("params.model.")])
+    timed = "timing|" + model + "|" + frame["tags.timing"].astype(str)
+    return timed.where(frame["tags.timing"].notna(), legacy)
 
 
 def _latency_per_architecture(groups: pd.DataFrame, seeds: pd.DataFrame) -> None:
@@ -155,11 +173,8 @@ def _trial_mean(members: pd.DataFrame, metric: str) -> float:
 
 
 def group_seeds(study: StudyRuns, groups: pd.DataFrame) -> pd.DataFrame:
-    """The seed runs of the reported trials with their group id (all states)."""
-    trial_group = {}
-    for _, g in groups.iterrows():
-        for run_id in study.trials.loc[study.trials["trial"].isin(g["trials"]), "run_id"]:
-            trial_group[run_id] = g["group"]
+    """The seed runs of the groups' trials with their group id (all states), by trial run id."""
+    trial_group = {run_id: g["group"] for _, g in groups.iterrows() for run_id in g["trial_runs"]}
     seeds = study.seeds[study.seeds["trial_run"].isin(trial_group)].copy()
     seeds["group"] = seeds["trial_run"].map(trial_group)
     return seeds
@@ -168,22 +183,26 @@ def group_seeds(study: StudyRuns, groups: pd.DataFrame) -> pd.DataFrame:
 def best_per(groups: pd.DataFrame, keys: list[str], objective: str, direction: str) -> pd.DataFrame:
     """For each combination of ``keys`` (dotted config keys), the group with the best mean objective over
     its finished seeds (validation data: the test columns are then reported, not selected on). Groups that
-    finished all their seeds come first: a diverged or failed seed drops a configuration behind them."""
+    finished all their seeds come first: a diverged or failed seed drops a configuration behind them, and a
+    pruned configuration comes after every other (its mean is over the seeds it got before the pruner
+    stopped it)."""
     done = groups[groups["seeds_finished"] > 0].copy()
     if not len(done):
         return done
     score = done["objective"] if "objective" in done else done[objective]
-    done["_score"] = score if direction == "maximize" else -score
-    done["_complete"] = done["complete"] if "complete" in done else True
-    done = done.sort_values(
-        ["_complete", "_score", "first_trial"], ascending=[False, False, True], na_position="last"
+    rank = {
+        "_complete": done["complete"] if "complete" in done else True,
+        "_kept": ~done["pruned"].astype(bool) if "pruned" in done else True,
+        "_score": score if direction == "maximize" else -score,
+    }
+    done = done.assign(**rank).sort_values(
+        [*rank, "first_trial"], ascending=[False, False, False, True], na_position="last"
     )
     cols = [f"params.{k}" for k in keys]
     if not cols:
-        return done.head(1).drop(columns=["_score", "_complete"])
-    key_frame = done[cols].map(_norm).astype(str)
-    best = done.loc[~key_frame.duplicated()]
-    return best.drop(columns=["_score", "_complete"])
+        return done.head(1).drop(columns=list(rank))
+    best = done.loc[~signature(done, cols).duplicated()]
+    return best.drop(columns=list(rank))
 
 
 def student_keys(groups: pd.DataFrame) -> list[str]:
@@ -203,3 +222,12 @@ def temperature(groups: pd.DataFrame) -> pd.Series:
             values = pd.to_numeric(groups[key], errors="coerce")
             out = values.where(values.notna(), out)
     return out
+
+
+def tempered(groups: pd.DataFrame) -> pd.DataFrame:
+    """The groups of the methods whose KD temperature takes two or more values in the study, with the
+    temperature as ``_T``; a method at its own default temperature is not a temperature study."""
+    temps = groups.assign(_T=temperature(groups))
+    temps = temps[temps["_T"].notna()]
+    varies = temps.groupby("method")["_T"].transform("nunique") > 1
+    return temps[varies]

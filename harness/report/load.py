@@ -117,7 +117,8 @@ def load_study(tracker: Tracker, name: str) -> StudyRuns:
 
 
 def find_teacher(tracker: Tracker, study: StudyRuns) -> dict | None:
-    """The teacher's run: named by the seed runs' ``teacher.source`` tag, else found by its config hash."""
+    """The teacher's run: named by the seed runs' ``teacher.source`` tag, else found by its config hash; with
+    ``found_in``, where the trainer found it (the runs' ``teacher.found_in`` tag), when they record it."""
     run_id = None
     for source in _col(study.seeds, "tags.teacher.source").dropna():
         if m := _TEACHER_RUN.match(str(source)):
@@ -133,6 +134,7 @@ def find_teacher(tracker: Tracker, study: StudyRuns) -> dict | None:
         "name": record["run_name"],
         "metrics": {k.removeprefix("metrics."): v for k, v in record.items() if k.startswith("metrics.")},
         "width": parse_value(record.get("params.model.width")),
+        "found_in": next(iter(_col(study.seeds, "tags.teacher.found_in").dropna()), None),
     }
 
 

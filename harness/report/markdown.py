@@ -2,8 +2,9 @@
 
 Tables are built as plain frames (what the CSV files hold). For markdown, a column ``X`` with companions
 ``X std``, ``X n``, ``X div.`` and ``X failed`` is shown as one cell "mean ± std (n=k, 1 div., 1 failed)"
-(counts of 0 left out), so every mean carries its spread and the seeds behind it, and ``X CI low`` /
-``X CI high`` as "X [low, high]". A ``Div.`` or ``Failed`` cell keeps its counts.
+(counts of 0 left out; ``X pruned``, when True, as "pruned"), so every mean carries its spread and the
+seeds behind it, and ``X CI low`` / ``X CI high`` as "X [low, high]". A ``Div.``, ``Failed`` or ``Pruned``
+cell keeps its counts.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import pandas as pd
 
 SIGNED = ("difference", "Δ", "gap closed")  # columns shown with an explicit sign
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)(e[+-]?\d+)?$")
-COMPANIONS = (" std", " n", " CI low", " CI high", " div.", " failed")  # merged into the column they follow
+COMPANIONS = (" std", " n", " CI low", " CI high", " div.", " failed", " pruned")  # merged into their column
 COUNTS = ((" div.", "div."), (" failed", "failed"))
-MARKERS = ("Div.", "Failed")  # a cell with no finished seed: shown with its counts
+MARKERS = ("Div.", "Failed", "Pruned")  # a cell with no finished seed: shown with its counts
 
 
 @dataclass
@@ -92,7 +93,8 @@ def _cell(frame: pd.DataFrame, idx, col: str) -> str:
 
 
 def _counts(frame: pd.DataFrame, idx, col: str) -> str:
-    """ " (n=4, 1 div., 1 failed)": the seeds behind a cell; zero diverged or failed counts are left out."""
+    """ " (n=4, 1 div., 1 failed)": the seeds behind a cell; zero diverged or failed counts are left out,
+    and "pruned" follows when the configuration was pruned (not repeated after a ``Pruned`` cell)."""
     parts = []
     if f"{col} n" in frame and not pd.isna(frame.at[idx, f"{col} n"]):
         parts.append(f"n={int(frame.at[idx, f'{col} n'])}")
@@ -100,6 +102,10 @@ def _counts(frame: pd.DataFrame, idx, col: str) -> str:
         k = frame.at[idx, f"{col}{sfx}"] if f"{col}{sfx}" in frame else 0
         if not pd.isna(k) and k > 0:
             parts.append(f"{int(k)} {word}")
+    pruned = f"{col} pruned"
+    flag = frame.at[idx, pruned] if pruned in frame else False
+    if isinstance(flag, (bool, np.bool_)) and flag and frame.at[idx, col] != "Pruned":
+        parts.append("pruned")
     return f" ({', '.join(parts)})" if parts else ""
 
 

@@ -1,11 +1,13 @@
 """The report's tables, each a plain frame (what the CSV holds) plus a title and a note.
 
 Which tables a study gets follows from what its trials vary: a method table when ``kd.method`` varies (or
-nothing does), a width table when ``model.width`` varies, temperature tables when the KD temperature does,
-a classification table when the runs have accuracy metrics. Rows that stand for a choice (a method, a
+nothing does), a width table when ``model.width`` varies, temperature tables when one method's KD
+temperature does (each method at its own default temperature is not a temperature study), a
+classification table when the runs have accuracy metrics. Rows that stand for a choice (a method, a
 width) show the configuration with the best validation objective among those tried for it, preferring
-configurations that finished every seed; a choice none of whose configurations finished a seed shows as
-a ``Div.`` row. Quality cells carry their seed counts (``report/cells.py``).
+configurations that finished every seed and leaving pruned ones last; a choice none of whose
+configurations finished a seed shows as a ``Div.`` (or ``Pruned``) row. Quality cells carry their seed
+counts (``report/cells.py``).
 
 Every table function takes the same three inputs (the study's runs, its configurations pooled over seeds,
 and its seed runs) and returns None when the study has nothing for it; ``build.TABLES`` lists them.
@@ -19,8 +21,8 @@ import pandas as pd
 from harness.data.base import quality_metric
 from harness.distill.base import knob_labels, temperature_keys
 from harness.report.cells import LATENCY_NOTE, cell, stat, with_unfinished
-from harness.report.fairness import budgets, fairness_note, schedule, tuning_flags
-from harness.report.groups import REPORTED_STATES, best_per, student_keys, temperature, varying
+from harness.report.fairness import budgets, fairness_note, schedule, selection_note, tuning_flags
+from harness.report.groups import REPORTED_STATES, best_per, student_keys, tempered, varying
 from harness.report.load import StudyRuns
 from harness.report.markdown import Table
 
@@ -35,7 +37,8 @@ METRIC_LABELS = {"miou": "mIoU", "accuracy": "accuracy"}
 NON_TERMS = {"loss", "loss_final", "loss_best_epoch", "alpha", "beta"}
 SEEDS_NOTE = (
     "mean ± std over the finished seeds (n); k div. / k failed: seeds that diverged or failed, left out "
-    "of the mean; Div. = no seed finished."
+    "of the mean; Div. = no seed finished; pruned: the study's pruner stopped the configuration, its mean "
+    "is over the seeds it finished."
 )
 
 
@@ -85,8 +88,9 @@ def method_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) ->
     note = (
         f"One row per KD method{' and student' if len(keys) > 1 else ''}: "
         f"the configuration with the best mean {study.objective} among those tried (configurations that "
-        f"finished every seed first); {SEEDS_NOTE} Tuning trials: the trials the study ran for that "
-        f"method and student, in any state. {LATENCY_NOTE}"
+        f"finished every seed first, pruned ones last); {SEEDS_NOTE} Tuning trials: the trials the study "
+        f"ran for that method and student, in any state. {LATENCY_NOTE} "
+        + selection_note(study, names, [r for _, r in rows.iterrows()])
     )
     fair = fairness_note(list(out["schedule"]), flags)
     return Table("methods", "Methods", out, f"{note} {fair}" if fair else note)
@@ -117,9 +121,8 @@ def width_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) -> 
 
 
 def temperature_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) -> Table | None:
-    temps = groups.assign(_T=temperature(groups))
-    temps = temps[temps["_T"].notna()]
-    if temps["_T"].nunique() < 2:
+    temps = tempered(groups)
+    if not len(temps):
         return None
     extra = ["kd.method"] if temps["method"].nunique() > 1 else []
     records = []
@@ -146,9 +149,8 @@ def temperature_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFram
 
 
 def seeds_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) -> Table | None:
-    temps = groups.assign(_T=temperature(groups))
-    temps = temps[temps["_T"].notna()]
-    if temps["_T"].nunique() < 2 or (temps["seeds_finished"] + temps["seeds_diverged"]).max() < 2:
+    temps = tempered(groups)
+    if not len(temps) or (temps["seeds_finished"] + temps["seeds_diverged"]).max() < 2:
         return None
     keys = [k for k in varying(temps) if k not in temperature_keys()]
     temps = temps.sort_values(["_T", *[f"params.{k}" for k in keys]])
@@ -217,15 +219,15 @@ def loss_used(seeds: pd.DataFrame, method: str) -> str:
 def best_trials_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame, top: int = 5) -> Table:
     obj = f"metrics.{study.objective}"
     done = study.trials[study.trials["state"].isin(REPORTED_STATES)].copy()
-    done = done[pd.to_numeric(done.get(obj, pd.Series(np.nan, index=done.index)), errors="coerce").notna()]
+    done = done[_metric(done, study.objective).notna()]
     done["_complete"] = done["state"] == "finished"
     done = done.sort_values(["_complete", obj], ascending=[False, study.direction == "minimize"]).head(top)
     out = pd.DataFrame({"trial": done["trial"].astype(int).to_numpy()})
-    n_seeds = pd.to_numeric(done.get("metrics.n_seeds", np.nan), errors="coerce")
+    n_seeds = _metric(done, "n_seeds")
     states = [study.seeds.loc[study.seeds["trial_run"] == r, "state"] for r in done["run_id"]]
     for metric in dict.fromkeys([study.objective, study.quality]):
-        out[metric] = done.get(f"metrics.{metric}", np.nan).to_numpy()
-        std = pd.to_numeric(done.get(f"metrics.{metric}_std", np.nan), errors="coerce")
+        out[metric] = _metric(done, metric).to_numpy()
+        std = _metric(done, f"{metric}_std")
         out[f"{metric} std"] = std.where(n_seeds > 1).to_numpy()  # one seed: no spread, not a spread of 0
         out[f"{metric} n"] = n_seeds.to_numpy()
         out[f"{metric} div."] = [int((s == "diverged").sum()) for s in states]
@@ -240,6 +242,11 @@ def best_trials_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFram
         "seed first, with the values the sampler chose; mean ± std over each trial's finished seeds (n), "
         "k div. / k failed: its seeds that diverged or failed.",
     )
+
+
+def _metric(runs: pd.DataFrame, name: str) -> pd.Series:
+    """A logged metric of each run as numbers (NaN where a run, or every run, did not log it)."""
+    return pd.to_numeric(runs.get(f"metrics.{name}", pd.Series(np.nan, index=runs.index)), errors="coerce")
 
 
 def importance_table(importances: dict[str, float], source: str) -> Table:
