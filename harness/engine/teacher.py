@@ -29,8 +29,9 @@ from harness.tracking.provenance import HOST
 
 CHECKPOINT_NAME = "model.pt"
 TEACHER_EXPERIMENT = "teachers"  # where teachers trained on demand are logged
-HEARTBEAT_GRACE = 60.0  # a teacher run without a heartbeat for this long is dead (HARNESS_LEASE_GRACE), as
-# trials' leases are (sweep/leases.py)
+# A teacher run whose heartbeat is older than this is dead, like a trial's lease (sweep/leases.py); the same
+# HARNESS_LEASE_GRACE overrides it.
+HEARTBEAT_GRACE = 60.0
 
 
 def is_checkpoint(spec: str) -> bool:
