@@ -108,6 +108,7 @@ def build_distiller(cfg: ExperimentConfig, student, teacher, data: DataSplits, d
             probe_shapes(student, distiller.student_layers, example),
             probe_shapes(teacher, distiller.teacher_layers, example),
         )
+        distiller.check_classes(data.num_classes)
     except ValueError as exc:
         raise HarnessError(f"kd.method '{cfg.kd.method}': {exc}") from None
     return distiller.to(device)
