@@ -285,3 +285,20 @@ def test_notes_say_which_metric_chose_the_epoch(tracker):
     )
     # select_on is fixed by the study (not searched): a none run that selected on another metric is no baseline
     assert mixed.table("baseline").frame["verdict"].iloc[0].startswith("no baseline")
+
+
+def test_a_seed_rerun_after_the_seeds_grew_counts_once(tracker):
+    """seeds [0, 1, 2] then [0..4]: the configuration's second trial run re-trains seeds 0-2. Each seed is
+    one replicate: the later finished run, never both."""
+    first = Trial({}, {0: 0.10, 1: 0.12, 2: 0.11})  # the runs of the earlier study file
+    rerun = Trial({}, five(0.50, 0.52, 0.49, 0.51, 0.50))
+    report = report_of(tracker, "seeds_grew", [first, rerun, RESPONSE])
+    none = report.groups[report.groups["method"] == "none"].iloc[0]
+    assert none["seeds_finished"] == 5 and none["test/miou n"] == 5
+    assert none["test/miou"] == pytest.approx(statistics.fmean(NONE.results.values()))
+    assert none["objective"] == pytest.approx(none["val/miou"])
+    row = report.table("baseline").frame.iloc[0]
+    assert row["seeds paired"] == 5 and row["difference"] == pytest.approx(0.056)
+    study = load_study(tracker, "seeds_grew")
+    seeds = group_seeds(study, build_groups(study))
+    assert not seeds.duplicated(["group", "seed"]).any()

@@ -7,7 +7,10 @@ counted and shown ("Pruned", "Div.", "1 failed"); a configuration with such a se
 that finished all of its seeds, and a pruned one (every trial of it pruned) ranks last.
 
 Seed runs belong to their trial by the trial run's id (their MLflow parent), never by the trial number: an
-experiment can hold two ``trial-0`` runs (a reset journal, a changed ``--storage``).
+experiment can hold two ``trial-0`` runs (a reset journal, a changed ``--storage``). A configuration keeps
+one seed run per seed, the latest finished one (else the latest): when a study's seeds grow from [0, 1, 2]
+to [0..4] its second trial run re-trains seeds 0-2, and counting both would make fake replicates; seed
+rounds add seeds to a configuration as further trial runs, which pool the same way.
 
 ms/image is a property of the student's architecture, not of a configuration: each group carries the
 median over every finished seed run timed the same way (the model.* params and the run's ``timing`` tag;
@@ -84,8 +87,7 @@ def build_groups(study: StudyRuns) -> pd.DataFrame:
     for _, t in trials.iterrows():
         sig = tuple(_norm(t.get(f"params.{k}")) for k in keys)
         trial_group[t["run_id"]] = ids.setdefault(sig, len(ids))
-    seeds = study.seeds[study.seeds["trial_run"].isin(trial_group)].copy()
-    seeds["group"] = seeds["trial_run"].map(trial_group)
+    seeds = _seeds_of(study, trial_group)
     rows = []
     for sig, gid in ids.items():
         members = trials[trials["run_id"].map(trial_group) == gid]
@@ -104,7 +106,7 @@ def build_groups(study: StudyRuns) -> pd.DataFrame:
             "pruned": bool((members["state"] == "pruned").all()),
             "seed_values": sorted(int(s) for s in done["seed"].dropna()),
         }
-        row["objective"] = _trial_mean(members, study.objective)
+        row["objective"] = _trial_mean(members, study.objective) if len(members) == 1 else np.nan
         metrics = [*SUMMARY_METRICS, study.objective]
         for metric in dict.fromkeys(metrics):
             values = pd.to_numeric(
@@ -173,11 +175,22 @@ def _trial_mean(members: pd.DataFrame, metric: str) -> float:
 
 
 def group_seeds(study: StudyRuns, groups: pd.DataFrame) -> pd.DataFrame:
-    """The seed runs of the groups' trials with their group id (all states), by trial run id."""
+    """The seed runs of the groups' trials with their group id (all states), by trial run id; one per
+    configuration and seed."""
     trial_group = {run_id: g["group"] for _, g in groups.iterrows() for run_id in g["trial_runs"]}
+    return _seeds_of(study, trial_group)
+
+
+def _seeds_of(study: StudyRuns, trial_group: dict[str, int]) -> pd.DataFrame:
+    """The seed runs of the trial runs in ``trial_group`` with their ``group``, one per (group, seed): the
+    latest finished run of that seed, else its latest run. Runs without a seed tag are all kept."""
     seeds = study.seeds[study.seeds["trial_run"].isin(trial_group)].copy()
     seeds["group"] = seeds["trial_run"].map(trial_group)
-    return seeds
+    when = [c for c in ("end_time", "start_time") if c in seeds]
+    order = seeds.assign(_done=seeds["state"] == "finished", _at=range(len(seeds)))
+    order = order.sort_values(["_done", *when, "_at"], na_position="first", kind="stable")
+    latest = ~order.duplicated(["group", "seed"], keep="last") | order["seed"].isna()
+    return seeds.loc[latest[latest].index.sort_values()]
 
 
 def best_per(groups: pd.DataFrame, keys: list[str], objective: str, direction: str) -> pd.DataFrame:
