@@ -268,8 +268,16 @@ def test_baseline_difference_interval_and_finding(swept):
         assert row["p (sign-flip)"] == pytest.approx(0.5 if d[0] * d[1] > 0 else 1.0)
         assert np.isnan(row["p (Holm)"]) and row["verdict"] == TOO_FEW  # below 3 seeds: no verdict
     readme = (swept.out / "kdgrid" / "README.md").read_text()
+    # two epochs of a k=2 student: at the trivial predictor's score, so the finding warns instead
+    none_runs = seed_runs(swept.client, "kdgrid", **{"kd.method": "none", "model.width": 2})
+    trivial = statistics.median(finished_metric(none_runs, "trivial/test_miou"))
+    assert table.loc[table["k"] == 2, "trivial test mIoU"].iloc[0] == pytest.approx(trivial)
+    none_mean = statistics.fmean(finished_metric(none_runs, "test/miou"))
+    assert none_mean - trivial <= 0.05
+    close = "no better than" if none_mean <= trivial else "within 0.05 of"
     assert readme.startswith(
-        "# Study kdgrid\n\n**Finding: Too few seeds to tell: a verdict needs at least 3 seeds"
+        f"# Study kdgrid\n\n**Finding: No finding: the no-KD student (k=2) scores {none_mean:.4f} test mIoU, "
+        f"{close} the trivial predictor ({trivial:.4f}): the student has hardly learned the task"
     )
     assert "the sign-flip p cannot reach 0.05" in readme
     cls = read(swept, "cls", "baseline")  # one seed: no interval, said plainly

@@ -8,7 +8,7 @@ its flat config as params, search.* for the searched keys) and one child run per
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -46,6 +46,7 @@ class Trial:
     state: str = "finished"
     search: tuple = ()
     number: int | None = None
+    tags: dict = field(default_factory=dict)  # the trial run's tags: phase, arm
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +74,16 @@ def _aggregate(results: list[dict], keys: tuple[str, ...]) -> dict:
     return out
 
 
-def log_study(tracker: Tracker, name: str, trials: list[Trial], teacher: dict | None = None) -> None:
+def log_study(
+    tracker: Tracker, name: str, trials: list[Trial], teacher: dict | None = None, design: dict | None = None
+) -> None:
+    """``design``: the study file's seeds, min_effect, arms and confirm, logged as the sweep does (the
+    parent's study.yaml); without it the parent has no study.yaml (as before the sweep wrote one)."""
     parent = tracker.start_run(name, f"study-{name}", tags={"role": "study", "optuna.study": name})
-    parent.log_params({"objective": "maximize val/miou", "seeds": list(SEEDS)})
+    seeds = (design or {}).get("seeds", list(SEEDS))
+    parent.log_params({"objective": "maximize val/miou", "seeds": seeds})
+    if design is not None:
+        parent.log_yaml({"name": name, "seeds": seeds, **design}, "study.yaml")
     teacher_tags = {}
     if teacher:
         run = tracker.start_run("teachers", "teacher", tags={"role": "teacher"})
@@ -86,7 +94,7 @@ def log_study(tracker: Tracker, name: str, trials: list[Trial], teacher: dict | 
         number = i if spec.number is None else spec.number
         config = {**BASE, **spec.params}
         tags = {"optuna.study": name, "optuna.trial": number}
-        trial = tracker.start_run(name, f"trial-{number}", parent.id, {**tags, "role": "trial"})
+        trial = tracker.start_run(name, f"trial-{number}", parent.id, {**tags, **spec.tags, "role": "trial"})
         trial.log_params({**config, **{f"search.{k}": config[k] for k in spec.search}, "seeds": list(SEEDS)})
         finished = []
         for seed, result in spec.results.items():

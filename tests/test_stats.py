@@ -198,3 +198,18 @@ def test_compare_then_adjust_equals_compare_table():
 def test_pareto_front():
     assert pareto_front([1, 2, 3, 3], [0.1, 0.3, 0.2, np.nan]).tolist() == [True, True, False, False]
     assert pareto_front([1, 2], [0.3, 0.1], maximize=False).tolist() == [True, True]
+
+
+def test_tost_p_is_two_one_sided_t_tests_and_matches_the_interval():
+    from statsmodels.stats.weightstats import ttost_paired
+
+    from harness.report.stats import tost_p
+
+    rng = np.random.default_rng(7)
+    for n, mean, margin in ((3, 0.0, 0.05), (5, 0.01, 0.02), (10, -0.015, 0.02), (8, 0.03, 0.01)):
+        d = rng.normal(mean, 0.01, n)
+        p = float(tost_p(d, margin))
+        assert p == pytest.approx(min(1.0, 2 * ttost_paired(d, np.zeros(n), -margin, margin)[0]))
+        t = t_summary(d)
+        assert (p < ALPHA) == (-margin < t.low and t.high < margin)  # 95% interval inside +-margin
+    assert np.isnan(tost_p(np.full(4, 0.01), 0.05)) and np.isnan(tost_p(np.array([0.01]), 0.05))

@@ -90,8 +90,10 @@ def write_all(
                 "baseline",
                 "KD against the no-KD baseline, all studies",
                 "Each study's KD methods against its own no-KD baseline (same student, same seed-paired "
-                "differences): 95% t-interval, paired-t and sign-flip p, and a verdict from Holm-corrected "
-                "p-values within each study's own table (docs/reading-reports.md).",
+                "differences), judged as each study asks: fixed-n paired t-tests (95% t-interval, paired-t "
+                "and sign-flip p) or, for seed rounds, anytime-valid sequential tests, with equivalence "
+                "where the study has a min_effect, and a verdict from Holm-corrected p-values within each "
+                "study's own table (docs/reading-reports.md).",
             ),
             stacked(
                 reports,

@@ -8,12 +8,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from harness.report.arms import arms_table
 from harness.report.compare import baseline_table
 from harness.report.compute import compute_table
+from harness.report.design import seeds_text
 from harness.report.figures import make_plots
 from harness.report.groups import build_groups, group_seeds, varying
 from harness.report.load import ReportError, StudyRuns, load_study
 from harness.report.markdown import Table, document, number, section
+from harness.report.sanity import trivial_score, trivial_text
 from harness.report.tables import (
     best_trials_table,
     classification_table,
@@ -90,6 +93,7 @@ def parent_importances(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFra
 # and one entry here.
 TABLES = (
     baseline_table,
+    arms_table,
     method_table,
     compute_table,
     width_table,
@@ -103,11 +107,12 @@ TABLES = (
 
 def _intro(study: StudyRuns, groups: pd.DataFrame, counts: dict[str, int]) -> list[str]:
     qlabel = quality_label(study)
-    seeds = study.parent.get("params.seeds") if study.parent is not None else None
     lines = [
         f"Objective: {study.direction} `{study.objective}`. Trials: "
         + ", ".join(f"{v} {k}" for k, v in counts.items())
-        + (f". Seeds per trial: {seeds}." if seeds else ".")
+        + _phase_counts(study)
+        + ". "
+        + _design_text(study)
     ]
     vary = varying(groups)
     lines.append(
@@ -123,6 +128,8 @@ def _intro(study: StudyRuns, groups: pd.DataFrame, counts: dict[str, int]) -> li
             f"{number(t.get(study.quality, np.nan))}, {number(t.get('params', np.nan))} parameters, "
             f"{number(t.get('ms_per_image', np.nan))} ms/image."
         )
+    trivial = trivial_text(study, trivial_score(study, study.seeds), qlabel)
+    lines.append(f"{trivial[0].upper()}{trivial[1:]}.")
     lines.append(
         "Tables report test metrics as mean ± std over the finished seeds (n), with the seeds that "
         "diverged or failed beside them (k div., k failed; Div. = none finished); configurations are "
@@ -130,6 +137,33 @@ def _intro(study: StudyRuns, groups: pd.DataFrame, counts: dict[str, int]) -> li
         "and pruned ones (stopped by the study's pruner; mean over the seeds they finished) last."
     )
     return lines
+
+
+def _design_text(study: StudyRuns) -> str:
+    """What the study file asked for: its seeds (a list or rounds), min_effect, arms, confirmation seeds."""
+    design = study.design
+    seeds = design.seeds
+    parts = []
+    if seeds is not None:
+        parts.append(f"Seeds: {seeds_text(seeds)}.")
+    elif study.parent is not None and pd.notna(study.parent.get("params.seeds", np.nan)):
+        parts.append(f"Seeds per trial: {study.parent['params.seeds']}.")
+    if design.min_effect is not None:
+        parts.append(f"min_effect: {design.min_effect:g} (the equivalence margin).")
+    if design.arms:
+        parts.append(f"Arms: {design.arms.get('key')}, {design.arms.get('trials')} tuning trials each.")
+    if design.confirm is not None:
+        parts.append(f"Confirmation seeds: {seeds_text(design.confirm)}.")
+    return " ".join(parts)
+
+
+def _phase_counts(study: StudyRuns) -> str:
+    """Trials that only added seeds (seed rounds) among those counted, and the confirmation trials."""
+    extra = int(study.trials["extra"].sum()) if "extra" in study.trials else 0
+    text = f" ({extra} of them seed rounds: more seeds for a configuration)" if extra else ""
+    if study.confirmation is not None:
+        text += f"; plus {len(study.confirmation.trials)} confirmation trials"
+    return text
 
 
 def write(

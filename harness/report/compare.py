@@ -4,9 +4,12 @@ For each method row (best configuration per method and student, chosen on valida
 best ``none`` configuration with the same ``model.*``, ``data.*``, ``train.epochs`` and ``train.budget.*``
 and the same value of every other ``train.*`` key the study did not search (device settings aside); keys
 the study searched may differ, each arm keeping its best value, and the note lists where they do
-(``report/fairness.py``). The test metric's seed-paired difference gets a 95% t-interval, a paired-t p, an
-exact sign-flip p, a Holm-adjusted p across the table's rows and a verdict (``report/stats.py``;
-docs/reading-reports.md). Gap closed = (KD - none) / (teacher - none), with the teacher's test metric and
+(``report/fairness.py``). The test metric's seed-paired difference gets an interval, p's, a Holm-adjusted
+p across the table's rows and a verdict: fixed-n or sequential, with equivalence when the study has a
+``min_effect``, and the seeds an undecided row would need (``report/decisive.py``; docs/reading-reports.md).
+A study with a confirm phase is judged on its confirmation runs alone: each row's tuning choice is looked up
+among them (``report/arms.py``). The trivial predictor's score stands beside the baseline, and the finding
+warns instead when the comparison cannot mean anything (``report/sanity.py``). Gap closed = (KD - none) / (teacher - none), with the teacher's test metric and
 the baseline's mean over the paired seeds, and its interval is the difference's interval divided by the
 same gap. A method none of whose configurations finished a seed stays in the table as a ``Div.`` row, a
 pruned one as a row with its mean so far; neither is compared, nor is a row whose baseline was pruned.
@@ -16,10 +19,23 @@ more than twice the baseline's trials (``report/fairness.py``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
+from harness.report.arms import confirmation, confirmed
 from harness.report.cells import DIV, FAILED, cell, fill_pruned, is_pruned, marker, with_unfinished
+from harness.report.decisive import (
+    Plan,
+    cannot_decide,
+    judge_table,
+    method_sentences,
+    open_rows,
+    plan_of,
+    stat_columns,
+    statistics,
+)
 from harness.report.fairness import (
     budgets,
     differences,
@@ -34,13 +50,16 @@ from harness.report.findings import finding
 from harness.report.groups import _norm, best_per, student_keys
 from harness.report.load import StudyRuns
 from harness.report.markdown import Table, number
-from harness.report.stats import MIN_SEEDS, TOO_FEW, Comparison, adjust, compare
-from harness.report.tables import keys_frame, quality_label, row_name
+from harness.report.sanity import trivial_score, trivial_text, warning_finding, warnings
+from harness.report.stats import Comparison, paired_differences
+from harness.report.tables import keys_frame, label, quality_label, row_name
 
 __all__ = ["baseline_table", "finding", "higher_is_better"]
 
 SIGN_FLIP_FLOOR_N = 6  # below this the exact sign-flip p cannot reach 0.05 (floor 2 / 2^n)
 NO_BASELINE = "no baseline: no `none` run with this student and fixed training settings"
+NOT_CONFIRMED = "not confirmed: no confirmation runs of this configuration"
+BASE_NOT_CONFIRMED = "baseline not confirmed: no confirmation runs of its none configuration"
 
 
 def _per_seed(seeds: pd.DataFrame, group: int, metric: str) -> dict[int, float]:
@@ -96,35 +115,19 @@ def _trials(row: pd.Series | None) -> str:
     return "–" if row is None else ", ".join(map(str, row["trials"]))
 
 
-def _record(row: pd.Series, base: pd.Series | None, metric: str, qlabel: str) -> dict:
-    rec = {"KD method": row["method"], **cell(row, metric, f"{qlabel} KD")}
-    empty = dict.fromkeys(cell(pd.Series(dtype=object), metric, f"{qlabel} none"), np.nan)
-    rec.update(cell(base, metric, f"{qlabel} none") if base is not None else empty)
+def _side(row: pd.Series | None, metric: str, name: str, missing) -> dict:
+    """One side's quality cell; ``missing`` where the side has no configuration."""
+    if row is not None:
+        return cell(row, metric, name)
+    return {**dict.fromkeys(cell(pd.Series(dtype=object), metric, name), np.nan), name: missing}
+
+
+def _record(method: str, row, base, metric: str, qlabel: str, trivial: float, missing) -> dict:
+    rec = {"KD method": method, **_side(row, metric, f"{qlabel} KD", missing)}
+    rec.update(_side(base, metric, f"{qlabel} none", missing))
+    rec[f"trivial {qlabel}"] = trivial
     rec["trial # KD / none"] = f"{_trials(row)} / {_trials(base)}"
     return rec
-
-
-def _statistics(c: Comparison | None, gap: float) -> dict:
-    """A compared row's statistics columns (None: not compared, no columns)."""
-    if c is None:
-        return {}
-    scale = 100 / gap if gap > 0 else np.nan
-    return {
-        "difference": c.mean,
-        "difference CI low": c.low,
-        "difference CI high": c.high,
-        "seeds paired": c.n,
-        "p (paired t)": c.p_t,
-        "p (sign-flip)": c.p_sign,
-        "p (Holm)": c.p_holm,
-        "verdict": c.verdict,
-        "gap closed %": c.mean * scale,
-        "gap closed % CI low": c.low * scale,
-        "gap closed % CI high": c.high * scale,
-    }
-
-
-STAT_COLUMNS = list(_statistics(Comparison(0, 0, 0, *[np.nan] * 5), 1.0))
 
 
 def _paired_mean(base: dict[int, float], kd: dict[int, float]) -> float:
@@ -133,8 +136,36 @@ def _paired_mean(base: dict[int, float], kd: dict[int, float]) -> float:
     return float(np.mean([base[s] for s in common])) if common else np.nan
 
 
+@dataclass
+class Sides:
+    """The configurations a table's rows are judged on: the tuning choices, or for a study with a confirm
+    phase their confirmation runs; ``seeds`` the seed runs their values come from."""
+
+    rows: list[pd.Series | None]
+    bases: list[pd.Series | None]
+    reasons: list[str | None]
+    seeds: pd.DataFrame
+    missing: object = np.nan  # what a cell without a configuration shows
+
+
+def _sides(study: StudyRuns, kd_rows: pd.DataFrame, bases: list, seeds: pd.DataFrame, choice) -> Sides:
+    rows = [row for _, row in kd_rows.iterrows()]
+    reasons = [_not_compared(row, base) for row, base in zip(rows, bases)]
+    conf = confirmation(study)
+    if conf is None:
+        return Sides(rows, bases, reasons, seeds)
+    groups, conf_seeds = conf
+    rows = [confirmed(r, groups, choice) for r in rows]
+    bases = [confirmed(b, groups, choice) for b in bases]
+    for i, (row, base) in enumerate(zip(rows, bases)):
+        if reasons[i] is None:
+            missing = NOT_CONFIRMED if row is None else BASE_NOT_CONFIRMED if base is None else None
+            reasons[i] = missing or _not_compared(row, base)
+    return Sides(rows, bases, reasons, conf_seeds, "not confirmed")
+
+
 def baseline_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) -> Table | None:
-    metric, qlabel = study.quality, quality_label(study)
+    metric, qlabel, plan = study.quality, quality_label(study), plan_of(study.design)
     keys = student_keys(groups)
     choice = ["kd.method", *keys]
     rows = with_unfinished(best_per(groups, choice, study.objective, study.direction), groups, choice)
@@ -146,46 +177,82 @@ def baseline_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) 
     nones = groups[groups["method"] == "none"]
     teacher_value = (study.teacher or {}).get("metrics", {}).get(metric, np.nan)
     names = [row_name(row, keys) for _, row in kd_rows.iterrows()]
-    bases = [_baseline(nones, row, study, matched) for _, row in kd_rows.iterrows()]
-    reasons = [_not_compared(row, base) for (_, row), base in zip(kd_rows.iterrows(), bases)]
-    records, gaps, compared = [], [], {}
-    for i, ((_, row), base) in enumerate(zip(kd_rows.iterrows(), bases)):
-        records.append(_record(row, base, metric, qlabel))
+    tuned_bases = [_baseline(nones, row, study, matched) for _, row in kd_rows.iterrows()]
+    sides = _sides(study, kd_rows, tuned_bases, seeds, choice)
+    records, gaps, diffs, sizes = [], [], {}, {}
+    for i, (method, row, base) in enumerate(zip(kd_rows["method"], sides.rows, sides.bases)):
+        trivial = trivial_score(study, _runs_of(sides.seeds, base))
+        records.append(_record(method, row, base, metric, qlabel, trivial, sides.missing))
         gaps.append(np.nan)
-        if reasons[i] is None:
-            kd_seeds = _per_seed(seeds, row["group"], metric)
-            none_seeds = _per_seed(seeds, base["group"], metric)
-            compared[i] = compare(kd_seeds, none_seeds)
+        if sides.reasons[i] is None:
+            kd_seeds = _per_seed(sides.seeds, row["group"], metric)
+            none_seeds = _per_seed(sides.seeds, base["group"], metric)
+            diffs[i], sizes[i] = paired_differences(kd_seeds, none_seeds), (len(kd_seeds), len(none_seeds))
             gaps[i] = teacher_value - _paired_mean(none_seeds, kd_seeds)
-    judged = dict(zip(compared, adjust(list(compared.values()), higher_is_better(metric))))
+    judged = dict(
+        zip(diffs, judge_table(list(diffs.values()), list(sizes.values()), plan, higher_is_better(metric)))
+    )
     mine, none = budgets(study, kd_rows, choice)
     for i, rec in enumerate(records):
-        rec.update({"verdict": reasons[i], **_statistics(judged.get(i), gaps[i])})
+        rec.update({"verdict": sides.reasons[i], **statistics(judged.get(i), gaps[i], plan)})
         rec["tuning trials KD / none"] = f"{mine[i]} / {none[i]}"
     tail = ["tuning trials KD / none", "trial # KD / none"]
     every = dict.fromkeys(k for rec in records for k in rec)
-    columns = [c for c in every if c not in (*STAT_COLUMNS, *tail)] + STAT_COLUMNS + tail
+    stats = stat_columns(plan)
+    columns = [c for c in every if c not in (*stats, *tail)] + stats + tail
     out = fill_pruned(pd.DataFrame(records, columns=columns))
     if keys:
         out = pd.concat([out.iloc[:, :1], keys_frame(kd_rows, keys), out.iloc[:, 1:]], axis=1)
     results = [(names[i], c) for i, c in judged.items()]
-    rows_seen = [r for _, r in kd_rows.iterrows()]
+    tuned = [r for _, r in kd_rows.iterrows()]
     parts = {
         "teacher": _teacher_text(study, teacher_value, qlabel, out),
+        "trivial": _trivial_note(study, out, qlabel),
         "flags": tuning_flags(names, list(kd_rows["method"]), mine, none),
-        "apart": _apart_text(names, rows_seen, bases, apart),
+        "apart": _apart_text(names, tuned, tuned_bases, apart),
         "selection": selection_note(
-            study, [*names, *["none"] * len(bases)], [*rows_seen, *[b for b in bases if b is not None]]
+            study,
+            [*names, *["none"] * len(tuned_bases)],
+            [*tuned, *[b for b in tuned_bases if b is not None]],
         ),
-        "pruned": any(is_pruned(r) for r in [*rows_seen, *bases]),
+        "pruned": any(is_pruned(r) for r in [*tuned, *tuned_bases]),
+        "confirm": sides.missing == "not confirmed",
     }
+    students = _students(study, sides, keys, metric)
+    text = _finding(results, qlabel, names, tuned, tuned_bases, sides.reasons, plan)
+    warned = warnings(students, teacher_value, qlabel)
     return Table(
         "baseline",
         "KD against the no-KD baseline",
         out,
-        _note(results, qlabel, parts),
-        [_finding(results, qlabel, names, rows_seen, bases, reasons)],
+        _note(results, qlabel, parts, plan),
+        [warning_finding(warned) if warned else text],
     )
+
+
+def _runs_of(seeds: pd.DataFrame, row: pd.Series | None) -> pd.DataFrame:
+    return seeds[seeds["group"] == row["group"]] if row is not None else seeds.iloc[:0]
+
+
+def _students(study: StudyRuns, sides: Sides, keys: list[str], metric: str) -> list[tuple[str, float, float]]:
+    """Each distinct baseline with a finished seed: its name, test score and trivial score."""
+    out, seen = [], set()
+    for base in sides.bases:
+        if base is None or base["seeds_finished"] == 0 or base["group"] in seen:
+            continue
+        seen.add(base["group"])
+        student = ", ".join(f"{label(k)}={base.get(f'params.{k}')}" for k in keys)
+        name = f"the no-KD student ({student})" if keys else "the no-KD student"
+        out.append((name, float(base.get(metric, np.nan)), trivial_score(study, _runs_of(sides.seeds, base))))
+    return out
+
+
+def _trivial_note(study: StudyRuns, out: pd.DataFrame, qlabel: str) -> str:
+    scores = pd.to_numeric(out[f"trivial {qlabel}"], errors="coerce").dropna().unique()
+    score = float(scores[0]) if len(scores) == 1 else np.nan
+    if len(scores) > 1:
+        return f"trivial {qlabel}: the trivial predictor's score on each baseline's data"
+    return trivial_text(study, score, qlabel)
 
 
 def _finding(
@@ -195,14 +262,20 @@ def _finding(
     rows: list[pd.Series],
     bases: list[pd.Series | None],
     reasons: list[str | None],
+    plan: Plan,
 ) -> str:
-    """The finding sentence, with the rows that were not compared and why."""
+    """The finding sentence, with the rows that were not compared and why, and what the undecided rows
+    would need."""
     diverged = [n for n, r in zip(names, rows) if marker(r) in (DIV, FAILED)]
     pruned = [f"{n} ({_pruned_when(r)})" for n, r in zip(names, rows) if is_pruned(r)]
     base_pruned = {
         n: _trials(b) for n, b, why in zip(names, bases, reasons) if why and why.startswith("baseline pruned")
     }
-    return finding(results, qlabel, diverged, pruned, base_pruned)
+    unconfirmed = [n for n, why in zip(names, reasons) if why in (NOT_CONFIRMED, BASE_NOT_CONFIRMED)]
+    text = finding(
+        results, qlabel, diverged, pruned, base_pruned, unconfirmed, test=plan.test, margin=plan.min_effect
+    )
+    return " ".join(p for p in (text, cannot_decide(results, plan), open_rows(results)) if p)
 
 
 def _apart_text(names: list[str], rows: list[pd.Series], bases: list, apart: list[str]) -> str:
@@ -237,25 +310,26 @@ def _teacher_text(study: StudyRuns, teacher_value: float, qlabel: str, out: pd.D
     return text
 
 
-def _note(results: list[tuple[str, Comparison]], qlabel: str, parts: dict) -> str:
-    family = sum(c.verdict != TOO_FEW and np.isfinite(c.p_t) for _, c in results)
+def _note(results: list[tuple[str, Comparison]], qlabel: str, parts: dict, plan: Plan) -> str:
     sentences = [
-        f"Difference = KD − none in {qlabel} over the n seeds both ran (seed-paired), mean with a 95% "
-        "t-interval (df = n − 1). p (paired t): two-sided paired t-test; p (sign-flip): exact permutation "
-        "test over all 2^n sign patterns; p (Holm): the paired-t p adjusted with Holm–Bonferroni across the "
-        f"rows of this table with at least {MIN_SEEDS} paired seeds ({family} here). Verdict: better/worse "
-        f"when the Holm p is below 0.05, undecided otherwise, too few seeds below {MIN_SEEDS} paired seeds. "
-        "The interval is not adjusted for the number of rows: it can exclude 0 while the row stays undecided.",
+        *method_sentences(results, qlabel, plan),
         f"Gap closed = difference / (teacher − none), none's mean over the paired seeds, its interval the "
-        f"difference's divided by the same gap; {parts['teacher']}.",
+        f"difference's divided by the same gap; {parts['teacher']}. Beside the baseline: {parts['trivial']}.",
     ]
-    small = sorted({c.n for _, c in results if 0 < c.n < SIGN_FLIP_FLOOR_N})
-    if small:
-        floors = ", ".join(f"{2 / 2**n:.3g} at n = {n}" for n in small)
+    if parts["confirm"]:
         sentences.append(
-            f"With n ≤ 5 seeds the sign-flip p cannot reach 0.05: its floor is 2/2^n ({floors} here); "
-            "from n = 6 it can."
+            "Confirmation: each row is the tuning choice (on validation, over the tuning seeds) re-trained "
+            "on the confirmation seeds, and the KD and none cells, the difference and the verdict are over "
+            "the confirmation seeds alone; the arms table shows the tuning results beside them."
         )
+    if not plan.sequential:
+        small = sorted({c.n for _, c in results if 0 < c.n < SIGN_FLIP_FLOOR_N})
+        if small:
+            floors = ", ".join(f"{2 / 2**n:.3g} at n = {n}" for n in small)
+            sentences.append(
+                f"With n ≤ 5 seeds the sign-flip p cannot reach 0.05: its floor is 2/2^n ({floors} here); "
+                "from n = 6 it can."
+            )
     flat = [m for m, c in results if c.zero_spread]
     if flat:
         sentences.append(

@@ -49,8 +49,10 @@ def row_values(row: pd.Series, keys: list[str]) -> dict:
 
 def tuning_trials(study: StudyRuns, values: dict) -> int:
     """Trials the study ran, in any state (pruned, diverged and failed included), with these config values:
-    the tuning that method and student got."""
+    the tuning that method and student got. Trials that only added seeds (seed rounds) are not tuning."""
     trials = study.trials
+    if "extra" in trials:
+        trials = trials[~trials["extra"].astype(bool)]
     match = pd.Series(True, index=trials.index)
     for key, value in values.items():
         col = "method" if key == "kd.method" else f"params.{key}"

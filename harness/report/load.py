@@ -9,14 +9,17 @@ convenience columns: ``trial``, ``state``, ``method`` and, for seed runs, ``seed
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from harness.data.base import quality_metric, task_of
 from harness.engine.teacher import find_teacher_run, is_checkpoint
 from harness.errors import HarnessError
+from harness.report.design import Design, DesignError, design_of
 from harness.tracking import Tracker
 
 _INT = re.compile(r"^[+-]?\d+$")
@@ -40,6 +43,8 @@ class StudyRuns:
     objective: str = "val/miou"
     direction: str = "maximize"
     teacher: dict | None = None
+    design: Design = field(default_factory=Design)
+    confirmation: StudyRuns | None = None  # the confirmation phase's trials and seeds, split off
 
     @property
     def task(self) -> str:
@@ -113,6 +118,56 @@ def load_study(tracker: Tracker, name: str) -> StudyRuns:
     else:
         study.objective = f"val/{quality_metric(study.task)}"
     study.teacher = find_teacher(tracker, study)
+    try:
+        study.design = read_design(tracker, parent)
+    except DesignError as exc:
+        raise ReportError(f"study {name}: {exc}", 2) from None
+    study.trials["extra"] = extra_seed_trials(study)
+    return split_confirmation(study)
+
+
+def read_design(tracker: Tracker, parent: pd.Series | None) -> Design:
+    """The study file's seeds, min_effect, arms and confirm, from the parent run's ``study.yaml``."""
+    if parent is None:
+        return Design()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = tracker.download(parent["run_id"], "study.yaml", tmp)
+        except Exception:  # no such artifact: a parent run logged before the sweep wrote it
+            return design_of(None, parent.get("params.seeds"))
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return design_of(tree if isinstance(tree, dict) else None, parent.get("params.seeds"))
+
+
+def extra_seed_trials(study: StudyRuns) -> pd.Series:
+    """Trials of a seed round (tag ``round``): they add seeds to a configuration already tuned, so they are
+    not tuning trials."""
+    return _col(study.trials, "tags.round").notna()
+
+
+CONFIRMATION = "confirmation"  # the ``phase`` tag of the trials that re-run each arm's best on new seeds
+
+
+def split_confirmation(study: StudyRuns) -> StudyRuns:
+    """Move the confirmation trials (tag ``phase``) and their seed runs into ``study.confirmation``: every
+    table then reads the tuning runs only, and the baseline verdicts read the confirmation runs."""
+    confirming = _col(study.trials, "tags.phase") == CONFIRMATION
+    if not confirming.any():
+        return study
+    ids = set(study.trials.loc[confirming, "run_id"])
+    of_confirmation = study.seeds["trial_run"].isin(ids)
+    part = lambda frame, keep: frame[keep].reset_index(drop=True)  # noqa: E731
+    study.confirmation = StudyRuns(
+        study.name,
+        study.parent,
+        part(study.trials, confirming),
+        part(study.seeds, of_confirmation),
+        study.objective,
+        study.direction,
+        study.teacher,
+        study.design,
+    )
+    study.trials, study.seeds = part(study.trials, ~confirming), part(study.seeds, ~of_confirmation)
     return study
 
 

@@ -4,7 +4,9 @@ A comparison of two configurations uses the seeds both have: d = a[seed] - b[see
 a 95% t-interval (df = n - 1), the two-sided paired-t p-value and an exact sign-flip permutation p-value.
 Across the rows of one table the paired-t p-values are adjusted with Holm's step-down method, and a row's
 verdict is ``better`` / ``worse`` when its adjusted p is below 0.05, ``undecided`` otherwise, and
-``too few seeds`` below 3 common seeds. docs/reading-reports.md explains how to read them.
+``too few seeds`` below 3 common seeds. With a margin (a study's ``min_effect``), :func:`tost_p` is the
+fixed-n equivalence test (two one-sided t-tests) that ``report/decisive.py`` adds to the rows.
+docs/reading-reports.md explains how to read them.
 
 The functions work on arrays along the last axis (seeds for differences, rows for Holm), so the tests'
 calibration simulations run through the same code as the report.
@@ -36,6 +38,7 @@ class TSummary:
     high: np.ndarray
     p: np.ndarray
     n: int
+    se: np.ndarray | None = None  # standard error of the mean; NaN where there is no p
 
 
 def zero_spread(d: np.ndarray) -> np.ndarray:
@@ -55,14 +58,26 @@ def t_summary(d, level: float = LEVEL) -> TSummary:
     mean = d.mean(axis=-1) if n else np.full(d.shape[:-1], np.nan)
     nan = np.full(np.shape(mean), np.nan)
     if n < 2:
-        return TSummary(mean, nan, nan.copy(), nan.copy(), n)
+        return TSummary(mean, nan, nan.copy(), nan.copy(), n, nan.copy())
     se = d.std(axis=-1, ddof=1) / np.sqrt(n)
     flat = zero_spread(d)
     se = np.where(flat, np.nan, se)
     half = sps.t.ppf((1 + level) / 2, n - 1) * se
     with np.errstate(divide="ignore", invalid="ignore"):
         p = 2 * sps.t.sf(np.abs(mean / se), n - 1)
-    return TSummary(mean, mean - half, mean + half, p, n)
+    return TSummary(mean, mean - half, mean + half, p, n, se)
+
+
+def tost_p(d, margin: float) -> np.ndarray:
+    """Fixed-n equivalence p of "the mean of d is at least ``margin`` from 0" along the last axis: twice the
+    larger of the two one-sided t p's (mean >= +margin, mean <= -margin), capped at 1, so it is below
+    0.05 exactly when the 95% t-interval lies inside +-margin. NaN where :func:`t_summary` gives no p."""
+    t = t_summary(d)
+    df = max(t.n - 1, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        above = sps.t.cdf((t.mean - margin) / t.se, df)  # small when the mean is well below +margin
+        below = sps.t.sf((t.mean + margin) / t.se, df)  # small when the mean is well above -margin
+    return np.minimum(2 * np.maximum(above, below), 1.0)
 
 
 def _sign_patterns(n: int) -> np.ndarray:
@@ -140,6 +155,13 @@ class Comparison:
     p_sign: float
     p_holm: float = float("nan")  # filled in by adjust(): it depends on the other rows
     verdict: str = ""
+    # filled in by report/decisive.py where they apply: equivalence (a min_effect), sequential stopping,
+    # and for undecided rows the seeds a fixed-n t-test would need (80% power)
+    p_equivalent: float = float("nan")
+    p_holm_equivalent: float = float("nan")
+    stopped: str | None = None
+    seeds_needed: int | None = None
+    seeds_needed_min_effect: int | None = None
 
     @property
     def zero_spread(self) -> bool:
