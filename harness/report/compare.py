@@ -33,8 +33,8 @@ from harness.report.decisive import (
     method_sentences,
     open_rows,
     plan_of,
+    row_statistics,
     stat_columns,
-    statistics,
 )
 from harness.report.fairness import (
     budgets,
@@ -194,7 +194,7 @@ def baseline_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) 
     )
     mine, none = budgets(study, kd_rows, choice)
     for i, rec in enumerate(records):
-        rec.update({"verdict": sides.reasons[i], **statistics(judged.get(i), gaps[i], plan)})
+        rec.update({"verdict": sides.reasons[i], **row_statistics(judged.get(i), gaps[i], plan)})
         rec["tuning trials KD / none"] = f"{mine[i]} / {none[i]}"
     tail = ["tuning trials KD / none", "trial # KD / none"]
     every = dict.fromkeys(k for rec in records for k in rec)

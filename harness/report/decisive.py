@@ -107,6 +107,7 @@ def _summary(d: np.ndarray, n_a: int, n_b: int) -> Comparison:
 
 
 def _sequential(diffs, sizes, plan: Plan, maximize: bool) -> list[Comparison]:
+    """decide()'s results as rows; no sign-flip p (a fixed-n test, not shown for seed rounds)."""
     results = decide(diffs, maximize, plan.min_effect, plan.max_seeds)
     return [
         Comparison(
@@ -117,14 +118,14 @@ def _sequential(diffs, sizes, plan: Plan, maximize: bool) -> list[Comparison]:
             r.low,
             r.high,
             r.p,
-            float(sign_flip_p(d)),
+            np.nan,
             r.p_holm,
             r.verdict,
             r.p_equivalent,
             r.p_holm_equivalent,
             r.stopped or OPEN,
-        )  # fmt: skip
-        for r, d, (na, nb) in zip(results, diffs, sizes)
+        )
+        for r, (na, nb) in zip(results, sizes)
     ]
 
 
@@ -137,7 +138,7 @@ def _with_seeds_needed(c: Comparison, d: np.ndarray, min_effect: float | None) -
     return replace(c, seeds_needed=seeds_needed(c.mean, sd), seeds_needed_min_effect=at_margin)
 
 
-def statistics(c: Comparison | None, gap: float, plan: Plan) -> dict:
+def row_statistics(c: Comparison | None, gap: float, plan: Plan) -> dict:
     """A compared row's statistics columns (None: not compared, no columns)."""
     if c is None:
         return {}
@@ -167,7 +168,7 @@ def statistics(c: Comparison | None, gap: float, plan: Plan) -> dict:
 
 
 def stat_columns(plan: Plan) -> list[str]:
-    return list(statistics(Comparison(0, 0, 0, *[np.nan] * 5), 1.0, plan))
+    return list(row_statistics(Comparison(0, 0, 0, *[np.nan] * 5), 1.0, plan))
 
 
 def cannot_decide(results: Sequence[tuple[str, Comparison]], plan: Plan) -> str:
