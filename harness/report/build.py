@@ -11,7 +11,7 @@ import pandas as pd
 from harness.report.arms import arms_table
 from harness.report.compare import baseline_table
 from harness.report.compute import compute_table
-from harness.report.design import seeds_text
+from harness.report.design import Rounds, seeds_text
 from harness.report.figures import make_plots
 from harness.report.groups import build_groups, group_seeds, varying
 from harness.report.load import ReportError, StudyRuns, load_study
@@ -145,7 +145,8 @@ def _design_text(study: StudyRuns) -> str:
     seeds = design.seeds
     parts = []
     if seeds is not None:
-        parts.append(f"Seeds: {seeds_text(seeds)}.")
+        per = "Seeds" if isinstance(seeds, Rounds) else "Seeds per trial"
+        parts.append(f"{per}: {seeds_text(seeds)}.")
     elif study.parent is not None and pd.notna(study.parent.get("params.seeds", np.nan)):
         parts.append(f"Seeds per trial: {study.parent['params.seeds']}.")
     if design.min_effect is not None:
