@@ -1,25 +1,15 @@
 """Study files: which experiment and teacher, the search space, objective, constraints, sampler, pruner,
-budget and seeds. Validated completely before anything is written to MLflow or Optuna storage."""
+budget and seeds (sequential seeding, arms and confirmation: schema.py). Validated completely before
+anything is written to MLflow or Optuna storage."""
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import itertools
 import json
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from harness.config import (
     SELECTABLE,
@@ -31,8 +21,18 @@ from harness.config import (
     read_yaml,
 )
 from harness.data.base import QUALITY
-from harness.engine.teacher import is_checkpoint, teacher_config
 from harness.errors import ConfigError
+from harness.sweep.identity import _digest, _experiment_tree, config_hash, teacher_identity
+from harness.sweep.schema import (
+    Arms,
+    Confirm,
+    Seeds,
+    SeedSchedule,
+    check_phases,
+    default_budget,
+    first_seeds,
+)
+from harness.sweep.schema import Strict as _Strict
 
 FINAL_METRICS = (
     "params",
@@ -43,10 +43,6 @@ FINAL_METRICS = (
     "train_ms_per_image",
     "best_epoch",
 )
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class Param(_Strict):
@@ -181,7 +177,10 @@ class StudyConfig(_Strict):
     budget: Budget
     sampler: Sampler = Field(default_factory=Sampler)
     pruner: Pruner = Field(default_factory=Pruner)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: Seeds = Field(default_factory=lambda: [0])
+    min_effect: float | None = Field(None, gt=0, allow_inf_nan=False, description="equivalence margin")
+    arms: Arms | None = None
+    confirm: Confirm | None = None
     fixed: dict[str, Any] = Field(default_factory=dict)
     search: dict[str, Param] = Field(default_factory=dict)
     _configs: dict = PrivateAttr(default_factory=dict)  # trial_config by parameters
@@ -189,8 +188,6 @@ class StudyConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError("seeds has duplicates; list each seed once")
         if self.seed_keys() and "seeds" in self.model_fields_set:
             raise ValueError(
                 f"{self.seed_keys()} set train.seed and seeds is listed too, so each trial's seed would be "
@@ -219,26 +216,21 @@ class StudyConfig(_Strict):
                     f"{bad} are ranges or conditional"
                 )
         per_epoch = self.pruner.name in ("median", "hyperband")
-        if per_epoch and len(self.seeds) > 1:
+        n = len(first_seeds(self.seeds))
+        if per_epoch and n > 1:
             raise ValueError(
-                f"pruner {self.pruner.name} follows one seed's per-epoch curve but {len(self.seeds)} seeds "
+                f"pruner {self.pruner.name} follows one seed's per-epoch curve but {n} seeds "
                 "are listed; use pruner: {name: wilcoxon} (judges per-seed values) or one seed"
             )
-        if self.pruner.name == "wilcoxon" and len(self.seeds) < 2:
+        if self.pruner.name == "wilcoxon" and n < 2:
             raise ValueError("pruner wilcoxon judges per-seed values; list at least 2 seeds or use median")
+        check_phases(self)
         return self
 
     @model_validator(mode="before")
     @classmethod
-    def _grid_budget(cls, tree: Any) -> Any:
-        """A grid study's budget defaults to its number of points."""
-        if not isinstance(tree, dict):
-            return tree
-        sampler, search = tree.get("sampler") or {}, tree.get("search") or {}
-        if isinstance(sampler, dict) and sampler.get("name") == "grid" and "budget" not in tree:
-            sizes = [len(p.get("choices") or []) for p in search.values() if isinstance(p, dict)]
-            tree = {**tree, "budget": {"trials": max(1, int(np.prod(sizes)))}}
-        return tree
+    def _default_budget(cls, tree: Any) -> Any:
+        return default_budget(tree) if isinstance(tree, dict) else tree
 
     def grid(self) -> dict[str, list[Any]]:
         return {k: list(p.choices) for k, p in self.search.items()}
@@ -272,8 +264,15 @@ class StudyConfig(_Strict):
         return self._configs[frozen]
 
     def trial_seeds(self, cfg: ExperimentConfig) -> list[int]:
-        """A study that fixes or searches train.seed trains that one seed; otherwise its seeds."""
-        return [cfg.train.seed] if self.seed_keys() else list(self.seeds)
+        """A study that fixes or searches train.seed trains that one seed; otherwise its (first) seeds."""
+        return [cfg.train.seed] if self.seed_keys() else first_seeds(self.seeds)
+
+    def schedule(self) -> tuple[SeedSchedule | None, str]:
+        """The seeds schedule that sequential rounds follow, if any, and the phase they run in."""
+        if self.confirm is not None:
+            seeds = self.confirm.seeds
+            return (seeds if isinstance(seeds, SeedSchedule) else None), "confirmation"
+        return (self.seeds if isinstance(self.seeds, SeedSchedule) else None), "tuning"
 
     def trial_key(self, params: dict[str, Any]) -> tuple[str, tuple[int, ...]] | None:
         """What a trial with ``params`` trains under this file: (config hash, seeds); None when the
@@ -296,48 +295,11 @@ class StudyConfig(_Strict):
             "constraints": [c.model_dump(exclude_none=True) for c in self.constraints],
             "experiment": {"file": self.experiment, "digest": _digest(_experiment_tree(self.experiment))},
             "teacher": {"file": teacher, "identity": teacher_identity(teacher)} if teacher else None,
-            "seeds": list(self.seeds),
+            "seeds": self.model_dump(mode="json")["seeds"],
             "fixed": json.loads(json.dumps(self.fixed, default=str)),
             "search": {k: p.model_dump(mode="json", exclude_defaults=True) for k, p in self.search.items()},
+            **self.model_dump(mode="json", include={"min_effect", "arms", "confirm"}, exclude_none=True),
         }
-
-
-def config_hash(cfg: ExperimentConfig) -> str:
-    """The hash of what a trial trains, seed aside: its resolved config, with the teacher named by what it
-    is (and left out when no KD method uses it)."""
-    kd = cfg.kd.method != "none"
-    teacher = teacher_identity(cfg.teacher) if cfg.teacher and kd else None
-    train = cfg.train.model_copy(update={"seed": 0})
-    return cfg.model_copy(update={"teacher": teacher, "train": train}).hash()
-
-
-def teacher_identity(spec: str) -> str:
-    """A teacher by what it is, not where it lies: a teacher experiment's config hash (as the teacher is
-    found in MLflow), or a checkpoint's content digest."""
-    path = Path(spec)
-    if not path.is_file():
-        raise ConfigError(f"teacher: file {spec} not found; point it at an experiment file or checkpoint")
-    stat = path.stat()
-    return _identity(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=64)
-def _identity(path: str, mtime_ns: int, size: int) -> str:
-    if not is_checkpoint(path):
-        return teacher_config(path).hash()
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
-def _experiment_tree(path: str) -> dict[str, Any]:
-    return {k: v for k, v in read_yaml(path).items() if k != "name"}
-
-
-def _digest(tree: Any) -> str:
-    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def load_study(path: str | Path, name: str | None = None) -> StudyConfig:

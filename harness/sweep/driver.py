@@ -1,16 +1,25 @@
-"""Driving a study: the teacher trained once, the study's parent run, trials in this process, live display."""
+"""Driving a study: the teacher trained once, the study's parent run, trials in this process, live display;
+after tuning, the confirmation of each arm's best configuration and sequential seed rounds."""
 
 from __future__ import annotations
 
+import json
 import time
 
 from harness.engine.progress import console
 from harness.engine.teacher import find_or_train_teacher, is_checkpoint
+from harness.sweep.arms import ArmTuner, confirmation_configs, record_tuning
 from harness.sweep.config import StudyConfig, example_experiment
 from harness.sweep.display import StudyDisplay
 from harness.sweep.optuna_study import importances, open_study, optimize, summarize, used_budget
+from harness.sweep.rounds import Family, Need, run_rounds, train_needs
+from harness.sweep.rows import arm_rows, chosen_from, tuning_rows
+from harness.sweep.schema import SeedSchedule, first_seeds
 from harness.sweep.trial import TrialRunner, close_dead_runs
 from harness.tracking import Run, Tracker
+
+RECORDS = ("sequential", "tuning", "confirmation")  # study user attrs the parent run gets as JSON
+TAG_LIMIT = 5000  # characters of a tag value every MLflow store takes
 
 
 def ensure_teacher(study: StudyConfig, tracker: Tracker) -> None:
@@ -37,15 +46,29 @@ def open_parent(tracker: Tracker, study: StudyConfig, storage: str | None, reope
                 "pruner": study.pruner.name,
                 "seeds": f"one per trial: {', '.join(study.seed_keys())}"
                 if study.seed_keys()
-                else study.seeds,
+                else _seeds(study.seeds),
                 "budget.trials": study.budget.trials,
                 "experiment": study.experiment,
                 "teacher": study.teacher,
+                **_phase_params(study),
             }
         )
     elif reopen:
         run.reopen()
     return run
+
+
+def _seeds(seeds) -> str | list[int]:
+    return seeds.describe() if isinstance(seeds, SeedSchedule) else seeds
+
+
+def _phase_params(study: StudyConfig) -> dict:
+    out = {} if study.min_effect is None else {"min_effect": study.min_effect}
+    if study.arms is not None:
+        out["arms"] = f"{study.arms.key}: {study.arms.trials} tuning trials each"
+    if study.confirm is not None:
+        out["confirm.seeds"] = _seeds(study.confirm.seeds)
+    return out
 
 
 def _redact(url: str | None) -> str | None:
@@ -72,6 +95,10 @@ def run_in_process(
     optuna_study = open_study(study, storage, heartbeat, worker)
     with StudyDisplay(study, optuna_study, enabled=not quiet) as display:
         runner = TrialRunner(study, tracker, parent.id, progress=display.epoch)
+        hooks = dict(
+            callbacks=[lambda st, t: display.refresh()], close_runs=close_dead_runs(tracker, study.name)
+        )
+        arms = study.arms is not None and study.sampler.name != "grid"
         try:
             optimize(
                 study,
@@ -79,14 +106,58 @@ def run_in_process(
                 runner,
                 trials=study.budget.trials,
                 timeout=study.budget.timeout,
-                callbacks=[lambda st, t: display.refresh()],
-                close_runs=close_dead_runs(tracker, study.name),
+                before_trial=ArmTuner(study, optuna_study, worker) if arms else None,
+                **hooks,
             )
+            after_tuning(study, optuna_study, runner, **hooks)
         except KeyboardInterrupt:
             return "interrupted"
     if study.budget.trials is not None and used_budget(optuna_study, cfg=study) >= study.budget.trials:
         return "spent"
     return "finished"
+
+
+def after_tuning(study: StudyConfig, optuna_study, runner, **hooks) -> None:
+    """Once the budget's trials are done: the arms' tuning counts; each arm's best configuration trained
+    on the confirmation seeds; sequential rounds on the rows still undecided (tuning or confirmation
+    seeds, whichever the verdict rests on)."""
+    schedule, phase = study.schedule()
+    if study.arms is not None:
+        record_tuning(study, optuna_study)
+    if study.confirm is not None:
+        configs = confirmation_configs(study, optuna_study)
+        seeds = first_seeds(study.confirm.seeds)
+        first = {} if schedule is None else {"round": 0}  # as the rounds that may follow number them
+        needs = [Need(c, seeds, {**c.attrs(phase), **first}) for c in configs.values()]
+        if needs:
+            chosen = ", ".join(f"{arm} #{c.trial}" for arm, c in configs.items())
+            console.print(f"confirmation: the best configuration of each arm ({chosen}) on seeds {seeds}")
+        train_needs(optuna_study, runner, needs, **hooks)
+    if schedule is None:
+        return
+    trials = optuna_study.get_trials(deepcopy=False)
+    rows = arm_rows(configs) if study.confirm is not None else tuning_rows(study, trials)
+    if not rows:
+        console.print(
+            "[yellow]note[/yellow]: no KD configuration has a no-KD baseline to compare with; no rounds"
+        )
+    family = Family(rows, schedule, phase, study.min_effect, chosen_from(study, trials))
+    run_rounds(optuna_study, runner, family, **hooks)
+
+
+def log_records(optuna_study, parent: Run) -> None:
+    """What the report needs of the rounds and arms, from the study's user attrs to its parent run: a JSON
+    artifact each, the same as a tag where it fits, and the per-arm tuning trial counts as metrics."""
+    for name in RECORDS:
+        tree = optuna_study.user_attrs.get(name)
+        if tree is None:
+            continue
+        text = json.dumps(tree, sort_keys=True)
+        parent.log_text(text, f"{name}.json")
+        parent.set_tags({name: text if len(text) <= TAG_LIMIT else f"see the artifact {name}.json"})
+    tuning = optuna_study.user_attrs.get("tuning")
+    if tuning:
+        parent.log_metrics({f"tuning_trials/{arm}": a["trials"] for arm, a in tuning["arms"].items()})
 
 
 def watch(study: StudyConfig, storage: str | None, done, quiet=False, every: float = 2.0) -> None:
@@ -112,6 +183,7 @@ def finish_parent(
         parent.set_tags({"best_params": best["params"]})
     metrics.update({f"importance/{k}": v for k, v in importances(optuna_study).items()})
     parent.log_metrics(metrics)
+    log_records(optuna_study, parent)
     line = ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "no trials finished"
     if state == "interrupted":
         parent.end("interrupted")

@@ -21,6 +21,8 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
+# what a trial that trains a chosen configuration on more seeds (a round, a confirmation) is re-queued with
+CARRIED = ("round", "phase", "arm", "tuned_by", "seeds", "config_hash")
 LEASE_INTERVAL = 5.0  # seconds between heartbeats
 LEASE_GRACE = 60.0  # a heartbeat older than this is dead (HARNESS_LEASE_GRACE overrides)
 HOST = socket.gethostname()
@@ -88,6 +90,8 @@ def recover_dead_trials(study: optuna.Study, close_runs: Callable[[int, str], No
 
     Returns the numbers of the trials recovered here. When several workers find the same dead trial, the
     one whose FAIL lands first re-enqueues it; the others see the trial finished and leave it."""
+    from harness.sweep.optuna_study import is_extra  # optuna_study imports this module
+
     recovered = []
     storage = study._storage
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -101,6 +105,9 @@ def recover_dead_trials(study: optuna.Study, close_runs: Callable[[int, str], No
         except UpdateFinishedTrialError:
             continue
         close_runs(trial.number, f"{why}; parameters re-queued")
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        carried = (
+            {k: trial.user_attrs[k] for k in CARRIED if k in trial.user_attrs} if is_extra(trial) else {}
+        )
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, **carried})
         recovered.append(trial.number)
     return recovered

@@ -100,14 +100,14 @@ def open_journal(path: Path):
     return JournalStorage(backend)
 
 
-def make_sampler(study: StudyConfig, worker: int = 0, stored: int = 0):
+def make_sampler(study: StudyConfig, worker: int = 0, stored: int = 0, arm: int | None = None):
     """Seeded sampler. The seed also depends on the worker (workers of one study don't propose the same
-    trials) and on the number of trials already stored (a resumed study doesn't replay its first draws).
-    A grid study samples nothing: every grid point is enqueued once (``enqueue_grid``)."""
+    trials), on the number of trials already stored (a resumed study doesn't replay its first draws) and
+    on the arm it samples (arms.py). A grid study samples nothing: every grid point is enqueued once
+    (``enqueue_grid``)."""
     s = study.sampler
-    seed = (
-        None if s.seed is None else int(np.random.SeedSequence([s.seed, worker, stored]).generate_state(1)[0])
-    )
+    entropy = [s.seed, worker, stored, *([] if arm is None else [arm])]
+    seed = None if s.seed is None else int(np.random.SeedSequence(entropy).generate_state(1)[0])
     if s.name in ("random", "grid"):
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(
@@ -205,8 +205,9 @@ def definition_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             out.append(f"{key} {before.get('file')} -> {after.get('file')}")
         elif before != after:
             out.append(f"{key} {after.get('file')} edited")
-    if old.get("seeds") != new["seeds"]:
-        out.append(f"seeds {old.get('seeds')} -> {new['seeds']}")
+    for key in ("seeds", "min_effect", "arms", "confirm"):
+        if old.get(key) != new.get(key):
+            out.append(f"{key} {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}")
     before, after = old.get("fixed") or {}, new["fixed"]
     for k in sorted(set(before) | set(after), key=list({**before, **after}).index):
         if before.get(k, ...) != after.get(k, ...):
@@ -254,6 +255,12 @@ def enqueue_grid(study: StudyConfig, opened: optuna.Study) -> None:
             opened.enqueue_trial(point)
 
 
+def is_extra(t) -> bool:
+    """A trial that trains a chosen configuration on more seeds after tuning (a sequential round, or the
+    confirmation of an arm's best configuration): it does not count toward the budget."""
+    return "round" in t.user_attrs or t.user_attrs.get("phase") == "confirmation"
+
+
 def is_enqueued(trial: optuna.Trial) -> bool:
     return "fixed_params" in trial.storage.get_trial_system_attrs(trial._trial_id)
 
@@ -280,7 +287,7 @@ def used_budget(study: optuna.Study, before: float | None = None, cfg: StudyConf
     n = 0
     for t in study.get_trials(deepcopy=False):
         running = before is not None and t.state == TrialState.RUNNING and t.number < before
-        n += (trial_state(t) in COUNTED_STATES and is_current(t, cfg)) or running
+        n += not is_extra(t) and ((trial_state(t) in COUNTED_STATES and is_current(t, cfg)) or running)
     return n
 
 
@@ -293,9 +300,10 @@ def optimize(
     timeout: float | None,
     callbacks=(),
     close_runs: Callable[[int, str], None] | None = None,
+    before_trial: Callable[[], None] | None = None,
 ) -> None:
     """Run trials here one at a time until the budget is spent, the timeout passes,
-    or (grid) no point is left.
+    or (grid) no point is left. ``before_trial`` runs before each (arms.py points the sampler at an arm).
 
     Before each trial, trials whose worker died are failed and re-queued (``leases.recover_dead_trials``;
     Optuna's heartbeats too on RDB storage). While the rest of the budget runs in other workers this worker
@@ -325,6 +333,8 @@ def optimize(
                 file=sys.stderr,
             )
             return
+        if before_trial is not None:
+            before_trial()
         study.optimize(
             runner,
             n_trials=1,

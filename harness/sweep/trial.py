@@ -8,6 +8,11 @@ Pruning: with one seed, the study's pruner (median, hyperband) follows that seed
 curve. With several seeds the seeds themselves are the pruning steps: after each seed, its final objective
 value is reported at step = seed and Optuna's Wilcoxon pruner compares the per-seed values with the best
 trial's on the same seeds, so a configuration is never pruned on one seed's curve.
+
+Each seed's end is recorded with the trial (user attrs ``seed_states`` {seed: state} and ``seed_metrics``
+{seed: {metric: value}}), so sequential rounds read per-seed values from Optuna storage alone. A trial
+that trains a chosen configuration on more seeds after tuning (``is_extra``: a round, a confirmation) is
+never pruned and trains only its seeds that no other trial of the same configuration has ended.
 """
 
 from __future__ import annotations
@@ -31,11 +36,17 @@ from harness.sweep.optuna_study import (
     TrialDiverged,
     TrialFailed,
     is_enqueued,
+    is_extra,
     trial_key,
     trial_state,
     used_budget,
 )
+from harness.sweep.rounds import ended_seeds, in_flight
 from harness.tracking import Tracker
+
+RUN_TAGS = ("phase", "arm", "round")  # trial user attrs also set as tags of its MLflow runs
+# final metrics kept in the trial's user attrs (besides the objective and constraints)
+SHOWN = (*(f"{s}/{q}" for s in ("val", "test") for q in QUALITY.values()), "params", "ms_per_image")
 
 
 def sample(trial: optuna.Trial, study: StudyConfig) -> dict[str, Any]:
@@ -95,6 +106,8 @@ class TrialRunner:
     duplicate_streak: int = field(default=0, init=False)  # consecutive proposals of trained configurations
 
     def __call__(self, trial: optuna.Trial) -> float:
+        if is_extra(trial):
+            return self._more_seeds(trial)
         budget = self.study.budget.trials
         if budget is not None and used_budget(trial.study, before=trial.number, cfg=self.study) >= budget:
             self._skip(trial, "surplus")
@@ -103,6 +116,8 @@ class TrialRunner:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         self._abandon_stale_runs(trial)
         params = sample(trial, self.study)  # a retried trial gets its dead original's params back
+        if self.study.arms is not None:
+            self._take_arm(trial, params)
         base = self.study.trial_config(params)
         key, seeds = self.study.trial_key(params)  # what the trial trains: config hash and seeds
         trial.set_user_attr("seeds", list(seeds))
@@ -116,12 +131,46 @@ class TrialRunner:
         with Lease(trial):
             return self._train(trial, params, base, list(seeds))
 
+    def _take_arm(self, trial: optuna.Trial, params: dict[str, Any]) -> None:
+        """A tuning trial of an arm that has its trials already (racing workers) is surplus."""
+        from harness.sweep.arms import tuning_trials
+
+        arm = params[self.study.arms.key]
+        trial.set_user_attr("phase", "tuning")
+        trial.set_user_attr("arm", arm)
+        if tuning_trials(self.study, trial.study.get_trials(deepcopy=False), arm, before=trial.number) >= (
+            self.study.arms.trials
+        ):
+            self._skip(trial, "surplus")
+
+    def _more_seeds(self, trial: optuna.Trial) -> float:
+        """A round or confirmation trial: its seeds that no trial of its configuration has ended or is
+        training (a killed round re-run trains only what is left); none left: skipped as a duplicate."""
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        self._abandon_stale_runs(trial)
+        params = sample(trial, self.study)
+        key = (self.study.trial_key(params) or (None,))[0]
+        if key != trial.user_attrs.get("config_hash"):  # enqueued under an earlier version of the file
+            self._skip(trial, "stale")
+        trials = trial.study.get_trials(deepcopy=False)
+        taken = ended_seeds(trials).get(key, set()) | in_flight(trials, before=trial.number).get(key, set())
+        seeds = [s for s in trial.user_attrs["seeds"] if s not in taken]
+        if not seeds:
+            self._skip(trial, "duplicate")
+        trial.set_user_attr("seeds", seeds)
+        with Lease(trial):
+            return self._train(trial, params, self.study.trial_config(params), seeds, prunable=False)
+
     def _skip(self, trial: optuna.Trial, state: str):
         trial.set_user_attr("state", state)
         raise SurplusTrial(state)
 
-    def _train(self, trial: optuna.Trial, params: dict[str, Any], base, seeds: list[int]) -> float:
+    def _train(
+        self, trial: optuna.Trial, params: dict[str, Any], base, seeds: list[int], prunable: bool = True
+    ) -> float:
+        attrs = trial.user_attrs
         tags = {"optuna.study": self.study.name, "optuna.trial": trial.number}
+        tags.update({k: attrs[k] for k in RUN_TAGS if k in attrs})
         run = self.tracker.start_run(
             self.study.name,
             f"trial-{trial.number}",
@@ -137,8 +186,9 @@ class TrialRunner:
         run.log_params({**base.flat(), **{f"search.{k}": v for k, v in params.items()}, "seeds": seeds})
         trial.set_user_attr("mlflow_run_id", run.id)
         per_seed = self.study.pruner.name == "wilcoxon"
-        prunable = not is_baseline(self.study, base)
+        prunable = prunable and not is_baseline(self.study, base)
         results, states = [], []
+        seed = seeds[0]
         try:
             for seed in seeds:
                 cfg = base.model_copy(update={"train": base.train.model_copy(update={"seed": seed})})
@@ -155,6 +205,7 @@ class TrialRunner:
                     progress=self.progress,
                 )
                 states.append(outcome.state)
+                self._record_seed(trial, seed, outcome.state, outcome.metrics)
                 if outcome.state == "finished":
                     results.append(outcome.metrics)
                     if per_seed:
@@ -169,12 +220,23 @@ class TrialRunner:
             run.end("interrupted")
             raise
         except Exception as exc:
+            if str(seed) not in trial.user_attrs.get("seed_states", {}):
+                self._record_seed(trial, seed, "failed", {})
             trial.set_user_attr("state", "failed")
             trial.set_user_attr("failure", f"{type(exc).__name__}: {exc}"[:500])
             run.set_tags({"failure": f"{type(exc).__name__}: {exc}"[:500]})
             run.end("failed")
             raise TrialFailed(str(exc)) from exc
         return self._conclude(trial, run, aggregate(results), states)
+
+    def _record_seed(self, trial: optuna.Trial, seed: int, state: str, metrics: dict[str, float]) -> None:
+        """A seed's end, and its final metrics if it finished: what sequential rounds read."""
+        trial.set_user_attr("seed_states", {**trial.user_attrs.get("seed_states", {}), str(seed): state})
+        if state != "finished":
+            return
+        wanted = {self.study.objective.metric, *(c.metric for c in self.study.constraints), *SHOWN}
+        kept = {k: float(v) for k, v in metrics.items() if k in wanted}
+        trial.set_user_attr("seed_metrics", {**trial.user_attrs.get("seed_metrics", {}), str(seed): kept})
 
     def _conclude(self, trial: optuna.Trial, run, summary: dict[str, float], states: list[str]) -> float:
         run.log_metrics(summary)
@@ -195,8 +257,7 @@ class TrialRunner:
         violations = [c.violation(summary[c.metric]) for c in self.study.constraints]
         trial.set_user_attr("constraints", violations)
         trial.set_user_attr("state", "finished")
-        shown = (*(f"{s}/{q}" for s in ("val", "test") for q in QUALITY.values()), "params", "ms_per_image")
-        for key in shown:
+        for key in SHOWN:
             if key in summary:
                 trial.set_user_attr(key, summary[key])
         run.set_tags({"feasible": all(v <= 0 for v in violations)})
