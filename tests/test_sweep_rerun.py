@@ -111,6 +111,45 @@ def test_a_changed_objective_is_refused(tmp_path, store, capsys):
     assert journal_study(journal, "obj_loss").direction == optuna.study.StudyDirection.MINIMIZE
 
 
+@pytest.mark.slow
+def test_changed_choices_are_refused_and_a_queued_value_outside_the_search_is_skipped(
+    tmp_path, store, capsys
+):
+    exp = experiment(tmp_path)
+    grid = {"train.lr": {"choices": [0.01, 0.03]}}
+    study = write_yaml(
+        tmp_path / "ch.yaml", {"experiment": str(exp), "sampler": {"name": "grid"}, "search": grid}
+    )
+    journal = tmp_path / "journal.log"
+    assert sweep(study, journal) == 0
+    capsys.readouterr()
+
+    # Optuna cannot change a categorical's choices within a study: one line, exit 2, nothing trained
+    edit(study, search={"train.lr": {"choices": [0.01]}})
+    assert sweep(study, journal) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: study ch:") and "\n" not in err and "--study-name" in err, err
+    assert len(journal_study(journal, "ch").trials) == 2
+
+    # a range narrowed while a dead worker's value waits in the queue: skipped, not trained, not counted
+    ranged = write_yaml(
+        tmp_path / "rg.yaml",
+        {
+            "experiment": str(exp),
+            "budget": {"trials": 1},
+            "search": {"train.lr": {"low": 0.001, "high": 0.1}},
+        },
+    )
+    assert sweep(ranged, journal) == 0
+    journal_study(journal, "rg").enqueue_trial({"train.lr": 0.09})
+    edit(ranged, search={"train.lr": {"low": 0.001, "high": 0.01}}, budget={"trials": 2})
+    capsys.readouterr()
+    assert sweep(ranged, journal) == 0
+    assert "no longer searches" in capsys.readouterr().err
+    done = complete(journal, "rg")
+    assert len(done) == 2 and all(t.params["train.lr"] <= 0.01 for t in done[1:])
+
+
 def test_the_study_name_can_be_overridden(tmp_path):
     study = write_yaml(
         tmp_path / "named.yaml", {"experiment": str(experiment(tmp_path)), "budget": {"trials": 1}}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import socket
 import statistics
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +64,22 @@ def sample(trial: optuna.Trial, study: StudyConfig) -> dict[str, Any]:
             v = trial.suggest_float(key, float(p.low), float(p.high), step=p.step, log=p.log)
         values[p.target(key)] = params[key] = v
     return params
+
+
+def outside_search(trial: optuna.Trial, study: StudyConfig) -> dict[str, Any]:
+    """The queued parameters of ``trial`` that the study's search no longer allows (an empty dict if none)."""
+    fixed = trial.storage.get_trial_system_attrs(trial._trial_id).get("fixed_params") or {}
+    out = {}
+    for key, value in fixed.items():
+        p = study.search.get(key)
+        if p is None:
+            out[key] = value
+        elif p.kind == "categorical":
+            if value not in p.choices:
+                out[key] = value
+        elif not float(p.low) <= float(value) <= float(p.high):
+            out[key] = value
+    return out
 
 
 def duplicate_of(trial: optuna.Trial, study: StudyConfig, config: str, seeds: list[int]) -> int | None:
@@ -115,6 +132,14 @@ class TrialRunner:
             self._skip(trial, "surplus")  # every grid point is enqueued once; this worker found none left
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         self._abandon_stale_runs(trial)
+        outside = outside_search(trial, self.study)
+        if outside:  # queued (a dead worker's retry, an old grid point) under an earlier study file
+            print(
+                f"note: study {self.study.name}: trial {trial.number} was queued with {outside}, which the "
+                "study file no longer searches; skipped, not trained",
+                file=sys.stderr,
+            )
+            self._skip(trial, "outdated")
         params = sample(trial, self.study)  # a retried trial gets its dead original's params back
         if self.study.arms is not None:
             self._take_arm(trial, params)
@@ -148,6 +173,14 @@ class TrialRunner:
         training (a killed round re-run trains only what is left); none left: skipped as a duplicate."""
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         self._abandon_stale_runs(trial)
+        outside = outside_search(trial, self.study)
+        if outside:  # queued (a dead worker's retry, an old grid point) under an earlier study file
+            print(
+                f"note: study {self.study.name}: trial {trial.number} was queued with {outside}, which the "
+                "study file no longer searches; skipped, not trained",
+                file=sys.stderr,
+            )
+            self._skip(trial, "outdated")
         params = sample(trial, self.study)
         key = (self.study.trial_key(params) or (None,))[0]
         if key != trial.user_attrs.get("config_hash"):  # enqueued under an earlier version of the file
