@@ -130,16 +130,7 @@ class TrialRunner:
             self._skip(trial, "surplus")
         if self.study.sampler.name == "grid" and not is_enqueued(trial):
             self._skip(trial, "surplus")  # every grid point is enqueued once; this worker found none left
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        self._abandon_stale_runs(trial)
-        outside = outside_search(trial, self.study)
-        if outside:  # queued (a dead worker's retry, an old grid point) under an earlier study file
-            print(
-                f"note: study {self.study.name}: trial {trial.number} was queued with {outside}, which the "
-                "study file no longer searches; skipped, not trained",
-                file=sys.stderr,
-            )
-            self._skip(trial, "outdated")
+        self._claim(trial)
         params = sample(trial, self.study)  # a retried trial gets its dead original's params back
         if self.study.arms is not None:
             self._take_arm(trial, params)
@@ -156,6 +147,20 @@ class TrialRunner:
         with Lease(trial):
             return self._train(trial, params, base, list(seeds))
 
+    def _claim(self, trial: optuna.Trial) -> None:
+        """Record this worker, close a dead original's runs, and skip a trial queued (a dead worker's retry,
+        an old grid point) with values the study file no longer searches."""
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        self._abandon_stale_runs(trial)
+        outside = outside_search(trial, self.study)
+        if outside:
+            print(
+                f"note: study {self.study.name}: trial {trial.number} was queued with {outside}, which the "
+                "study file no longer searches; skipped, not trained",
+                file=sys.stderr,
+            )
+            self._skip(trial, "outdated")
+
     def _take_arm(self, trial: optuna.Trial, params: dict[str, Any]) -> None:
         """A tuning trial of an arm that has its trials already (racing workers) is surplus."""
         from harness.sweep.arms import tuning_trials
@@ -171,16 +176,7 @@ class TrialRunner:
     def _more_seeds(self, trial: optuna.Trial) -> float:
         """A round or confirmation trial: its seeds that no trial of its configuration has ended or is
         training (a killed round re-run trains only what is left); none left: skipped as a duplicate."""
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        self._abandon_stale_runs(trial)
-        outside = outside_search(trial, self.study)
-        if outside:  # queued (a dead worker's retry, an old grid point) under an earlier study file
-            print(
-                f"note: study {self.study.name}: trial {trial.number} was queued with {outside}, which the "
-                "study file no longer searches; skipped, not trained",
-                file=sys.stderr,
-            )
-            self._skip(trial, "outdated")
+        self._claim(trial)
         params = sample(trial, self.study)
         key = (self.study.trial_key(params) or (None,))[0]
         if key != trial.user_attrs.get("config_hash"):  # enqueued under an earlier version of the file
