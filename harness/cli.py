@@ -1,4 +1,4 @@
-"""Command line: python -m harness {train,sweep,worker}. Reports: python -m harness.report."""
+"""Command line: python -m harness {train,sweep,worker,export}. Reports: python -m harness.report."""
 
 from __future__ import annotations
 
@@ -107,6 +107,12 @@ def cmd_worker(args) -> int:
     return 0 if state == "finished" else (130 if state == "interrupted" else 1)
 
 
+def cmd_export(args) -> int:
+    from harness.export.command import run
+
+    return run(args)
+
+
 def _store_options(p) -> None:
     p.add_argument(
         "--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)"
@@ -163,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
         "process starts one worker per slot, each with its own CUDA_VISIBLE_DEVICES",
     )
     worker.set_defaults(func=cmd_worker)
+
+    from harness.export.command import add_arguments as export_arguments
+
+    export = sub.add_parser(
+        "export", help="export a study's chosen student to ONNX and register it in MLflow"
+    )
+    export_arguments(export)
+    export.set_defaults(func=cmd_export)
     return parser
 
 
