@@ -12,6 +12,7 @@ from harness.report.arms import arms_table
 from harness.report.compare import baseline_table
 from harness.report.compute import compute_table
 from harness.report.design import Rounds, seeds_text
+from harness.report.exported import exported_table
 from harness.report.figures import make_plots
 from harness.report.groups import build_groups, group_seeds, varying
 from harness.report.load import ReportError, StudyRuns, load_study
@@ -102,6 +103,7 @@ TABLES = (
     classification_table,
     best_trials_table,
     parent_importances,
+    exported_table,
 )
 
 
