@@ -67,6 +67,8 @@ def cmd_sweep(args) -> int:
     from harness.tracking import Tracker
 
     study = _load_study(args)
+    if args.dry_run:
+        return dry_run(study)
     tracker = Tracker(args.tracking_uri)
     ensure_teacher(study, tracker)
     parent = open_parent(tracker, study, args.storage)
@@ -80,6 +82,23 @@ def cmd_sweep(args) -> int:
         parent.end("failed")
         raise
     return finish_parent(study, tracker, parent, args.storage, state)
+
+
+def dry_run(study) -> int:
+    """--dry-run: the study file, every example trial's experiment config and the teacher's experiment file
+    validated as a sweep reads them; no data, weights, store or storage is touched."""
+    from harness.engine.teacher import is_checkpoint, teacher_config
+    from harness.sweep.config import example_experiment, example_params
+
+    teacher = example_experiment(study).teacher
+    if teacher and not is_checkpoint(teacher):
+        teacher_config(teacher)
+    n = sum(1 for _ in example_params(study))
+    print(
+        f"study {study.name}: valid ({n} example configurations of {study.experiment}, teacher "
+        f"{teacher or 'none'}); nothing was trained or written"
+    )
+    return 0
 
 
 def cmd_worker(args) -> int:
@@ -150,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="run (or resume) the Optuna study of a study file")
     _study_options(sweep)
     sweep.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
+    sweep.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the study, experiment and teacher files; train nothing",
+    )
     sweep.set_defaults(func=cmd_sweep)
 
     worker = sub.add_parser(
