@@ -52,10 +52,14 @@ class Tracker:
         _quiet_mlflow()
         from mlflow.tracking import MlflowClient
 
+        from harness.tracking.credentials import check_login, use_login
+
         self.uri = tracking_uri(uri)
         if self.uri.startswith("sqlite:///"):
             Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        use_login(self.uri)
         self._client = MlflowClient(tracking_uri=self.uri)
+        check_login(self._client, self.uri)
 
     def artifact_root(self) -> str | None:
         """Local stores keep artifacts beside the database; a tracking server chooses its own root."""
@@ -87,7 +91,10 @@ class Tracker:
         all_tags = {"mlflow.runName": name, **{k: str(v) for k, v in (tags or {}).items()}}
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id
-        run = self._client.create_run(self.experiment_id(experiment), tags=all_tags, run_name=name)
+        from harness.tracking.credentials import explained
+
+        with explained(self.uri):  # a login that may read but not write stops here in one line
+            run = self._client.create_run(self.experiment_id(experiment), tags=all_tags, run_name=name)
         return Run(self._client, run.info.run_id)
 
     def _experiment_ids(self, experiments: list[str] | None) -> dict[str, str]:
