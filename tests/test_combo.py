@@ -112,7 +112,7 @@ def test_terms_are_sub_method_terms_times_their_betas():
 
 
 def test_presets_are_seed_003_rows_on_outputs():
-    assert set(PRESETS) == {"triplet", "triplet+hkd", "triplet+hkd+rkd", "hard"}
+    assert {"triplet", "triplet+hkd", "triplet+hkd+rkd", "hard"} <= set(PRESETS)
     assert list(Combo(preset="triplet+hkd+rkd").methods) == ["triplet", "response", "rkd"]
     for preset in ("triplet", "triplet+hkd", "triplet+hkd+rkd"):
         d = combo(preset=preset)
@@ -121,6 +121,90 @@ def test_presets_are_seed_003_rows_on_outputs():
         assert d.extra_parameters() == 0
     hard = combo(preset="hard")
     assert not hard.needs_teacher and hard(logits_batch(rand(4, 3), rand(4, 3), torch.arange(4))) == {}
+
+
+SEGMENTATION_PRESETS = {  # the published combinations, as each paper's segmentation code runs them
+    "mgd+cwd": {
+        "mgd": {"beta": 1.0, "mask_ratio": 0.75},
+        "cwd": {"beta": 3.0, "tau": 4.0, "source": "logits"},
+    },
+    "dist": {"dist": {"beta": 1.0, "tau": 1.0, "inter_weight": 1.0, "intra_weight": 1.0}},
+    "cirkd+kd": {
+        "cirkd": {
+            "tau": 0.1,
+            "minibatch_weight": 1.0,
+            "memory_pixel_weight": 0.1,
+            "memory_region_weight": 0.1,
+        },
+        "response": {"beta": 1.0, "temperature": 1.0, "standardize": False},
+    },
+    "afdcd+kd": {
+        "afdcd": {"tau": 0.07, "fd_weight": 1.0, "ctr_weight": 0.005, "mask_ratio": 0.75},
+        "response": {"beta": 1.0, "temperature": 1.0, "standardize": False},
+    },
+}
+
+
+def test_published_segmentation_presets_resolve_to_the_papers_settings():
+    assert set(Combo.model_fields["preset"].annotation.__args__[0].__args__) == set(PRESETS)  # one list
+    for preset, expected in SEGMENTATION_PRESETS.items():
+        methods = Combo(preset=preset).methods
+        assert list(methods) == list(expected), preset
+        for name, settings in expected.items():
+            assert {k: methods[name][k] for k in settings} == settings, (preset, name)
+
+
+def test_segmentation_presets_are_their_methods_summed():
+    """Each preset's terms on tiny UNets are the standalone methods' terms times their weights."""
+    torch.manual_seed(0)
+    student, teacher = UNet(1, 4, width=2, depth=3), UNet(1, 4, width=4, depth=3).eval()
+    x = torch.rand(2, 1, 16, 16)
+    y = torch.randint(0, 4, (2, 16, 16), generator=torch.Generator().manual_seed(1))
+
+    def terms_of(cfg_cls, kw):
+        torch.manual_seed(3)  # adapters and memory banks start alike in the combo and alone
+        d = KD_METHODS.build(cfg_cls(**kw))
+        d.choose_layers(student.kd_layers, teacher.kd_layers)
+        d.setup(probe_shapes(student, d.student_layers, x), probe_shapes(teacher, d.teacher_layers, x))
+        d.check_classes(4)
+        with torch.no_grad(), FeatureTap(teacher, d.teacher_layers) as t_tap:
+            t_logits = teacher(x)
+        with FeatureTap(student, d.student_layers) as s_tap:
+            logits = student(x)
+        torch.manual_seed(5)  # masks and memory draws alike
+        return d, d(KDBatch(logits, y, t_logits, s_tap.features, t_tap.features))
+
+    for preset, expected in SEGMENTATION_PRESETS.items():
+        d, out = terms_of(Combo, {"preset": preset})
+        assert {k.split("/")[0] for k in out} == set(expected)
+        assert d.extra_parameters() == sum(p.extra_parameters() for p in d.parts.values())
+        if len(expected) > 1:
+            continue  # several parts draw from one RNG in turn: the single-method presets compare exactly
+        (name,) = expected
+        sub = {k: v for k, v in Combo(preset=preset).methods[name].items() if k != "beta"}
+        _, alone = terms_of(KD_METHODS.config_class(name), sub)
+        for term, value in alone.items():
+            torch.testing.assert_close(out[f"{name}/{term}"], expected[name]["beta"] * value)
+    # mgd+cwd: the cwd part is 3 x CWD at tau 4 on the logits, whatever mgd drew before it
+    _, out = terms_of(Combo, {"preset": "mgd+cwd"})
+    _, cwd = terms_of(KD_METHODS.config_class("cwd"), {"tau": 4.0})
+    torch.testing.assert_close(out["cwd/cwd"], 3.0 * cwd["cwd"])
+    assert out["mgd/mgd"] > 0
+
+
+def test_a_study_names_a_published_combination_in_one_line(tmp_path):
+    exp = write_yaml(tmp_path / "exp.yaml", {**EXPERIMENT, "teacher": str(tmp_path / "exp.yaml")})
+    study = {
+        "experiment": str(exp),
+        "objective": {"metric": "val/accuracy"},
+        "budget": {"trials": 4},
+        "sampler": {"name": "grid"},
+        "fixed": {"kd.method": "combo"},
+        "search": {"kd.preset": {"choices": list(SEGMENTATION_PRESETS)}},
+    }
+    loaded = load_study(write_yaml(tmp_path / "s.yaml", study))
+    cfg = load_experiment(exp, loaded.overrides({"kd.preset": "cirkd+kd"}))
+    assert list(cfg.kd.methods) == ["cirkd", "response"] and cfg.kd.methods["response"]["temperature"] == 1.0
 
 
 def test_preset_refined_by_methods_and_stored_resolved():

@@ -18,6 +18,14 @@ adapters (trained with the student and counted in ``kd_params``) and sees the sa
     triplet+hkd+rkd  + {rkd: {source: logits}}         (RKD-DA: distance 25, angle 50)
     hard             {}                                (no KD terms: the hard-label baseline, alpha * CE)
 
+and the segmentation papers' published combinations, as their authors ran them:
+
+    mgd+cwd          {mgd: {}, cwd: {tau: 4, beta: 3}}  (MGD's segmentation setting: MGD on the backbone's
+                                                         last stage + CWD on the logits)
+    dist             {dist: {tau: 1, inter 1, intra 1}} (DIST's segmentation code: DIST alone, at tau 1)
+    cirkd+kd         {cirkd: {}, response: {temperature: 1}}  (CIRKD's terms + pixel KD at T 1, weight 1)
+    afdcd+kd         {afdcd: {}, response: {temperature: 1}}  (Af-DCD's terms + pixel KD at T 1, weight 1)
+
 With a preset, ``kd.methods`` may override keys of the preset's methods (``kd.methods.response.temperature:
 2``) but not add others. Configs are stored resolved: every sub-method's full settings are in ``methods``,
 so they are logged as parameters (``kd.methods.response.temperature``) and enter the config hash.
@@ -38,7 +46,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "triplet+hkd": {"triplet": {"source": "logits"}, "response": {}},
     "triplet+hkd+rkd": {"triplet": {"source": "logits"}, "response": {}, "rkd": {"source": "logits"}},
     "hard": {},
+    "mgd+cwd": {"mgd": {}, "cwd": {"source": "logits", "tau": 4.0, "beta": 3.0}},
+    "dist": {"dist": {"tau": 1.0, "inter_weight": 1.0, "intra_weight": 1.0}},
+    "cirkd+kd": {"cirkd": {}, "response": {"temperature": 1.0, "beta": 1.0}},
+    "afdcd+kd": {"afdcd": {}, "response": {"temperature": 1.0, "beta": 1.0}},
 }
+PresetName = Literal[tuple(PRESETS)]
 COMBO_ONLY = ("alpha", "regime", "soft_epochs", "schedule")  # weights of the whole combination
 NOT_STORED = ("method", *COMBO_ONLY)
 
@@ -61,8 +74,8 @@ def _describe(name: str, exc: ValidationError) -> str:
 
 class ComboConfig(KDConfigBase):
     method: Literal["combo"] = "combo"
-    preset: Literal["triplet", "triplet+hkd", "triplet+hkd+rkd", "hard"] | None = Field(
-        None, description="seed 003's combinations; fills (and may be refined by) methods"
+    preset: PresetName | None = Field(
+        None, description="a published combination (PRESETS); fills (and may be refined by) methods"
     )
     methods: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
