@@ -7,6 +7,15 @@ import subprocess
 import sys
 
 from harness.errors import HarnessError
+from harness.tracking.urls import password_env
+
+
+def child_storage(storage: str | None) -> tuple[str | None, dict[str, str]]:
+    """The storage URL a worker process is given on its command line (without a password, which anyone
+    on the machine could read there) and the environment that hands the password to libpq instead."""
+    if storage is None or "://" not in storage:
+        return storage, {}
+    return password_env(storage)
 
 
 def gpu_slots(per_gpu: int = 1) -> list[str]:
@@ -25,9 +34,10 @@ def run_gpu_workers(args, slots: list[str]) -> int:
     """One worker process per slot, each pinned to its GPU with CUDA_VISIBLE_DEVICES;
     waits for all of them."""
     cmd = [sys.executable, "-m", "harness", "worker", "--study", args.study, "--per-gpu", "1", "--quiet"]
+    storage, secret = child_storage(args.storage)
     for flag, value in (
         ("--study-name", getattr(args, "study_name", None)),
-        ("--storage", args.storage),
+        ("--storage", storage),
         ("--tracking-uri", args.tracking_uri),
         ("--trials", args.trials),
         ("--timeout", args.timeout),
@@ -39,7 +49,8 @@ def run_gpu_workers(args, slots: list[str]) -> int:
     for i, gpu in enumerate(slots):
         index = [] if args.worker_index is None else ["--worker-index", str(args.worker_index * 100 + i)]
         print(f"worker {i}: CUDA_VISIBLE_DEVICES={gpu}", flush=True)
-        procs.append(subprocess.Popen([*cmd, *index], env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu}))
+        env = {**os.environ, **secret, "CUDA_VISIBLE_DEVICES": gpu}
+        procs.append(subprocess.Popen([*cmd, *index], env=env))
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
@@ -58,11 +69,12 @@ def run_local_workers(study, tracker, parent, args) -> str:
     from harness.tracking.server import local_server
 
     with local_server(tracker.uri) as uri:
-        env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+        storage, secret = child_storage(args.storage)
+        env = {**os.environ, **secret, "MLFLOW_TRACKING_URI": uri}
         cmd = [sys.executable, "-m", "harness", "worker", "--study", args.study, "--quiet"]
         for flag, value in (
             ("--study-name", getattr(args, "study_name", None)),
-            ("--storage", args.storage),
+            ("--storage", storage),
             ("--trials", study.budget.trials),
             ("--timeout", study.budget.timeout),
         ):

@@ -91,7 +91,12 @@ class PostgresServer:
     """One PostgreSQL cluster in ``datadir``, listening on ``host:port``."""
 
     def __init__(
-        self, datadir: str | Path, port: int | None = None, host: str = "127.0.0.1", durable: bool = True
+        self,
+        datadir: str | Path,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        durable: bool = True,
+        password: str | None = None,
     ):
         bindir = find_bindir()
         if bindir is None:
@@ -101,6 +106,7 @@ class PostgresServer:
         self.host = host
         self.port = port or free_port()
         self.durable = durable  # False: fsync off, for throwaway test servers
+        self.password = password  # None: trust logins; else TCP logins need it (scram-sha-256)
         self.prefix, self.account = _run_as()
 
     @property
@@ -133,18 +139,31 @@ class PostgresServer:
         if self.account is not None:
             os.chown(self.datadir, self.account.pw_uid, self.account.pw_gid)
         self.datadir.chmod(0o700)
-        self._cmd(
-            "initdb",
-            "-D",
-            str(self.datadir),
-            "-U",
-            USER,
-            "--auth=trust",
-            "-E",
-            "UTF8",
-            "--locale=C",
-            "--no-instructions",
-        )
+        auth = ["--auth=trust"]
+        if self.password:
+            fd, name = tempfile.mkstemp(prefix="harness-pg-pw-")  # mode 0600, removed after initdb
+            pwfile = Path(name)
+            with os.fdopen(fd, "w") as f:
+                f.write(self.password + "\n")
+            if self.account is not None:
+                os.chown(pwfile, self.account.pw_uid, self.account.pw_gid)
+            auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
+        try:
+            self._cmd(
+                "initdb",
+                "-D",
+                str(self.datadir),
+                "-U",
+                USER,
+                *auth,
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-instructions",
+            )
+        finally:
+            if self.password:
+                pwfile.unlink(missing_ok=True)
 
     def running(self) -> bool:
         return self._cmd("pg_ctl", "-D", str(self.datadir), "status", check=False).returncode == 0
@@ -180,7 +199,9 @@ class PostgresServer:
         """Create ``name`` unless it exists; returns its URL."""
         import psycopg2
 
-        conn = psycopg2.connect(host=self.host, port=self.port, user=USER, dbname="postgres")
+        conn = psycopg2.connect(
+            host=self.host, port=self.port, user=USER, dbname="postgres", password=self.password
+        )
         try:
             conn.autocommit = True
             with conn.cursor() as cur:
@@ -193,11 +214,13 @@ class PostgresServer:
 
 
 @contextlib.contextmanager
-def throwaway(databases: tuple[str, ...] = ("optuna", "mlflow"), port: int | None = None):
+def throwaway(
+    databases: tuple[str, ...] = ("optuna", "mlflow"), port: int | None = None, password: str | None = None
+):
     """A fresh server in a temporary folder on a free loopback port, with ``databases`` created;
-    removed afterwards."""
+    removed afterwards. With ``password``, TCP logins need it."""
     tmp = Path(tempfile.mkdtemp(prefix="harness-pg-"))
-    server = PostgresServer(tmp, port=port, durable=False)
+    server = PostgresServer(tmp, port=port, durable=False, password=password)
     try:
         server.init()
         server.start()
