@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from harness.data import DATA
 from harness.distill import KD_METHODS
@@ -46,12 +54,19 @@ SELECTABLE = ("val/miou", "val/pixel_acc", "val/accuracy", "val/loss")
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     epochs: int = Field(8, ge=0, description="0: evaluate the given model.weights as they are, no training")
+    iterations: int | None = Field(
+        None,
+        ge=1,
+        description="train exactly this many optimizer steps (epochs: as many passes as that takes, the last "
+        "one partial); train.epochs is then not used",
+    )
     batch_size: int = Field(32, ge=1)
     lr: float = Field(3e-3, gt=0)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     momentum: float = Field(0.9, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
-    scheduler: Literal["none", "cosine", "step", "plateau"] = "none"
+    scheduler: Literal["none", "cosine", "step", "plateau", "poly"] = "none"
+    power: float = Field(0.9, gt=0, description="poly scheduler: lr0 * (1 - step / steps) ** power, per step")
     step_size: int = Field(25, ge=1, description="step scheduler: epochs between decays")
     gamma: float = Field(0.1, gt=0, le=1, description="step/plateau scheduler: decay factor")
     class_weights: Literal["none", "inverse_freq"] | list[float] = "none"
@@ -77,6 +92,26 @@ class TrainConfig(BaseModel):
         if v is not None and v not in SELECTABLE:
             raise ValueError(f"unknown metric {v!r}; use one of {list(SELECTABLE)}")
         return v
+
+    @model_validator(mode="after")
+    def _iterations_train(self):
+        if self.iterations is not None and self.epochs == 0:
+            raise ValueError(
+                "train.iterations trains but train.epochs 0 evaluates the given weights untrained; "
+                "remove one of them"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_later_defaults(self, handler):
+        # Fields added after configs were first hashed are left out at their defaults: hashes stay.
+        data = handler(self)
+        if isinstance(data, dict):
+            if data.get("iterations") is None:
+                data.pop("iterations", None)
+            if data.get("scheduler") != "poly" and data.get("power") == 0.9:
+                data.pop("power", None)
+        return data
 
 
 class ExperimentConfig(BaseModel):

@@ -1,17 +1,20 @@
-"""Shared pieces of the classification sources: seeded stratified splits and tensor conversion.
+"""Shared split pieces: the classification sources' seeded stratified splits and tensor conversion, and
+the segmentation sources' ``split: train_holdout`` mode (VOC, Cityscapes).
 
-Every split here is stratified (each class is divided in the same proportions) and a pure function of
-the labels and the seed, so the same config always gives the same train/val/test indices.
+Every classification split here is stratified (each class is divided in the same proportions) and a pure
+function of the labels and the seed, so the same config always gives the same train/val/test indices. The
+hold-out splits take no seed: they are a pure function of the file lists.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_serializer
 
 from harness.data.base import DataConfigBase, DataSplits, Normalization, TensorSplit
 
@@ -44,6 +47,65 @@ def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
         return np.arange(len(labels))
     frac = n / len(labels)
     return stratified_split(labels, [frac, 1.0 - frac], seed)[0]
+
+
+class OfficialValSplitConfig(DataConfigBase):
+    """How a segmentation source with official train and val sets (VOC, Cityscapes) makes its three splits.
+
+    ``val_halves`` (default): train = official train; val and test = two halves of official val.
+    ``train_holdout``: part of official train is held out as val (model selection) and test is the *whole*
+    official val set, so test figures can be set beside published single-scale val numbers.
+    """
+
+    split: Literal["val_halves", "train_holdout"] = Field(
+        "val_halves",
+        description="val_halves: val/test = halves of official val; train_holdout: val = part of official "
+        "train, test = all of official val (the papers' numbers)",
+    )
+    holdout_fraction: float = Field(
+        0.15, gt=0, lt=1, description="train_holdout: share of official train held out as val"
+    )
+
+    @model_serializer(mode="wrap")
+    def _drop_defaults(self, handler):
+        # The default split mode (and unset normalize) are left out of dumps: earlier configs keep their hash.
+        data = handler(self)
+        if isinstance(data, dict):
+            if data.get("normalize") is None:
+                data.pop("normalize", None)
+            if data.get("split") == "val_halves":
+                for key in ("split", "holdout_fraction", "holdout_cities"):
+                    data.pop(key, None)
+        return data
+
+
+def spread_holdout(n: int, fraction: float) -> tuple[list[int], list[int]]:
+    """Positions 0..n-1 split into (kept, held out): about ``fraction`` of them held out, evenly spread over
+    the list (position i is held out when floor((i + 1) * f) > floor(i * f)); at least one of each."""
+    held = [i for i in range(n) if int((i + 1) * fraction) > int(i * fraction)]
+    if not held and n >= 2:
+        held = [n - 1]
+    held_set = set(held)
+    return [i for i in range(n) if i not in held_set], held
+
+
+def holdout_groups(groups: Sequence[str], fraction: float) -> tuple[list[int], list[int]]:
+    """Positions of ``groups`` (one group name per item, e.g. its city) split into (kept, held out) by whole
+    groups: smallest groups first (then by name), each held out while that brings the held-out count closer
+    to ``fraction`` of all items; at least one group held out and one kept."""
+    sizes: dict[str, int] = {}
+    for g in groups:
+        sizes[g] = sizes.get(g, 0) + 1
+    target = fraction * len(groups)
+    chosen: set[str] = set()
+    count = 0
+    for g in sorted(sizes, key=lambda g: (sizes[g], g))[:-1]:  # the largest group always stays for training
+        if chosen and abs(count + sizes[g] - target) >= abs(count - target):
+            break
+        chosen.add(g)
+        count += sizes[g]
+    held = [i for i, g in enumerate(groups) if g in chosen]
+    return [i for i, g in enumerate(groups) if g not in chosen], held
 
 
 def to_images(array: np.ndarray | torch.Tensor, channels_last: bool = False) -> torch.Tensor:

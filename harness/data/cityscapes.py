@@ -10,11 +10,17 @@ with a lookup table built from ``Cityscapes.classes[i].train_id``; labels whose 
 ego vehicle, ...) become 255, the ignore index. E.g. labelId 7 (road) -> 0, labelId 26 (car) -> 13,
 labelId 0 (unlabeled) -> 255.
 
-Splits: train = Cityscapes ``train`` (2,975 images). Cityscapes ``val`` (500 images of 3 cities) is split
-by city, since neighbouring frames of one drive are near-identical and must not land in both: cities are
-taken largest first, each into the half that holds fewer images so far (val on a tie). The official val
-set gives val = frankfurt (267 images), test = munster + lindau (174 + 59 = 233). The official ``test``
-split has no public labels and is not used.
+Splits (``split``), always by whole cities, since neighbouring frames of one drive are near-identical and
+must not land in two splits. The official ``test`` split has no public labels and is not used.
+
+* ``val_halves`` (default): train = Cityscapes ``train`` (2,975 images of 18 cities). Cityscapes ``val``
+  (500 images of 3 cities) is split by city: cities are taken largest first, each into the half that holds
+  fewer images so far (val on a tie). The official val set gives val = frankfurt (267 images), test =
+  munster + lindau (174 + 59 = 233).
+* ``train_holdout``: val = ``holdout_cities`` of official train, or when unset about ``holdout_fraction``
+  of its images in whole cities (smallest cities first, each taken while it brings the count closer:
+  at 0.15, darmstadt, monchengladbach, ulm, bochum and krefeld, 85 + 94 + 95 + 96 + 99 = 469 images);
+  train = the other cities (2,506 images); test = the whole official val set (500), as papers report.
 
 Images are resized to 256x512 (height x width) by default (``augment.resize``); masks with nearest.
 """
@@ -25,9 +31,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from harness.data.base import DATA, IGNORE_INDEX, DataConfigBase, DataSplits
+from harness.data._splits import OfficialValSplitConfig, holdout_groups
+from harness.data.base import DATA, IGNORE_INDEX, DataSplits
 from harness.data.transforms import AugmentConfig, PairView, build_transform
 from harness.errors import DataError
 
@@ -45,10 +52,21 @@ class CityscapesAugmentConfig(AugmentConfig):
     resize: int | tuple[int, int] | None = (256, 512)
 
 
-class CityscapesConfig(DataConfigBase):
+class CityscapesConfig(OfficialValSplitConfig):
     source: Literal["cityscapes"] = "cityscapes"
     root: str
     augment: CityscapesAugmentConfig = Field(default_factory=CityscapesAugmentConfig)
+    holdout_cities: list[str] | None = Field(
+        None, description="train_holdout: the train cities held out as val (unset: by holdout_fraction)"
+    )
+
+    @model_validator(mode="after")
+    def _cities_need_holdout(self):
+        if self.holdout_cities is not None and self.split != "train_holdout":
+            raise ValueError("holdout_cities needs split: train_holdout; set it or remove holdout_cities")
+        if self.holdout_cities is not None and not self.holdout_cities:
+            raise ValueError("holdout_cities is empty; name at least one train city or remove it")
+        return self
 
 
 def train_id_lookup() -> torch.Tensor:
@@ -122,27 +140,52 @@ def city_halves(images: list[str]) -> tuple[list[int], list[int]]:
     return sorted(halves[0]), sorted(halves[1])
 
 
+def train_holdout(root: Path, images: list[str], cfg: CityscapesConfig) -> tuple[list[int], list[int]]:
+    """Indices of the official train ``images`` kept for training and held out as val, by whole cities."""
+    cities = [Path(path).parent.name for path in images]
+    if cfg.holdout_cities is None:
+        kept, held = holdout_groups(cities, cfg.holdout_fraction)
+    else:
+        unknown = sorted(set(cfg.holdout_cities) - set(cities))
+        if unknown:
+            raise DataError(
+                f"{root / 'leftImg8bit' / 'train'}: data.holdout_cities names {', '.join(unknown)}, not a train "
+                f"city here; use some of {', '.join(sorted(set(cities)))}"
+            )
+        held = [i for i, c in enumerate(cities) if c in cfg.holdout_cities]
+        kept = [i for i, c in enumerate(cities) if c not in cfg.holdout_cities]
+    if not kept or not held:
+        raise DataError(
+            f"{root / 'leftImg8bit' / 'train'}: {len(set(cities))} train city(ies); split train_holdout needs "
+            "one held out and one left to train on; add cities or change data.holdout_cities"
+        )
+    return kept, held
+
+
 @DATA.register(CityscapesConfig)
 def load_cityscapes(cfg: CityscapesConfig) -> DataSplits:
     root = Path(cfg.root).expanduser()
     check_cityscapes_layout(root)
     train_set = _cityscapes(root, "train")
     val_set = _cityscapes(root, "val")
-    val_idx, test_idx = city_halves(val_set.images)
-    if not test_idx:
-        raise DataError(
-            f"{root / 'leftImg8bit' / 'val'}: 1 city; our val and test splits take whole cities of it, so it "
-            f"needs at least 2; {FIX}"
-        )
+    if cfg.split == "train_holdout":
+        train_idx, val_idx = train_holdout(root, train_set.images, cfg)
+        val_base, test_idx = train_set, list(range(len(val_set)))
+    else:
+        train_idx, val_base = list(range(len(train_set))), val_set
+        val_idx, test_idx = city_halves(val_set.images)
+        if not test_idx:
+            raise DataError(
+                f"{root / 'leftImg8bit' / 'val'}: 1 city; our val and test splits take whole cities of it, so "
+                f"it needs at least 2; {FIX}"
+            )
     lut = train_id_lookup()
     train_tf = build_transform(cfg.augment, True, 3, IGNORE_INDEX)
     eval_tf = build_transform(cfg.augment, False, 3, IGNORE_INDEX)
     return DataSplits(
         task="segmentation",
-        train=PairView(
-            train_set, range(len(train_set)), train_tf, deterministic=not cfg.augment.random, label_map=lut
-        ),
-        val=PairView(val_set, val_idx, eval_tf, deterministic=True, label_map=lut),
+        train=PairView(train_set, train_idx, train_tf, deterministic=not cfg.augment.random, label_map=lut),
+        val=PairView(val_base, val_idx, eval_tf, deterministic=True, label_map=lut),
         test=PairView(val_set, test_idx, eval_tf, deterministic=True, label_map=lut),
         num_classes=19,
         in_channels=3,

@@ -3,11 +3,14 @@
 Layout: ``ROOT/VOCdevkit/VOC2012/{ImageSets/Segmentation/{train,val}.txt, JPEGImages, SegmentationClass}``.
 21 classes (background + 20), 255 marks object boundaries and is ignored.
 
-Splits: train = VOC's ``train`` set (1,464 images). VOC's ``val`` set (1,449) is split in half
-deterministically and interleaved: the images at even positions of ``val.txt`` form our val split, those at
-odd positions our test split (so both halves span the whole list, which is ordered by year). VOC's images are
-single photographs, not frames of sequences, so neighbours in the list are not near-copies of each other
-(Cityscapes' are, and is split by city instead).
+Splits (``split``): ``val_halves`` (default): train = VOC's ``train`` set (1,464 images). VOC's ``val`` set
+(1,449) is split in half deterministically and interleaved: the images at even positions of ``val.txt`` form
+our val split, those at odd positions our test split (so both halves span the whole list, which is ordered
+by year). VOC's images are single photographs, not frames of sequences, so neighbours in the list are not
+near-copies of each other (Cityscapes' are, and is split by city instead).
+``train_holdout``: val = ``holdout_fraction`` of ``train.txt`` (15%: 219 images), evenly spread over the
+list; train = the rest (1,245); test = the whole of ``val.txt`` (1,449), the set papers report on (they
+train on the 10,582-image SBD-augmented set, which this source does not read).
 
 Images are resized to 256x256 by default (``augment.resize``) so batches stack; masks with nearest.
 """
@@ -19,7 +22,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from harness.data.base import DATA, IGNORE_INDEX, DataConfigBase, DataSplits
+from harness.data._splits import OfficialValSplitConfig, spread_holdout
+from harness.data.base import DATA, IGNORE_INDEX, DataSplits
 from harness.data.transforms import AugmentConfig, PairView, alternate_halves, build_transform
 from harness.errors import DataError
 
@@ -37,7 +41,7 @@ class VOCAugmentConfig(AugmentConfig):
     resize: int | tuple[int, int] | None = 256
 
 
-class VOCConfig(DataConfigBase):
+class VOCConfig(OfficialValSplitConfig):
     source: Literal["voc"] = "voc"
     root: str
     augment: VOCAugmentConfig = Field(default_factory=VOCAugmentConfig)
@@ -71,18 +75,30 @@ def load_voc(cfg: VOCConfig) -> DataSplits:
     check_voc_layout(root)
     train_set = VOCSegmentation(str(root), year="2012", image_set="train", download=False)
     val_set = VOCSegmentation(str(root), year="2012", image_set="val", download=False)
-    val_idx, test_idx = alternate_halves(len(val_set))
-    if not test_idx:
-        raise DataError(
-            f"{root}: VOC val.txt lists {len(val_set)} image; val and test need at least 2; {FIX}"
-        )
     train_tf = build_transform(cfg.augment, True, 3, IGNORE_INDEX)
     eval_tf = build_transform(cfg.augment, False, 3, IGNORE_INDEX)
+    if cfg.split == "train_holdout":
+        train_idx, val_idx = spread_holdout(len(train_set), cfg.holdout_fraction)
+        if not train_idx or not val_idx:
+            raise DataError(
+                f"{root}: VOC train.txt lists {len(train_set)} image; split train_holdout needs at least 2; {FIX}"
+            )
+        val = PairView(train_set, val_idx, eval_tf, deterministic=True)
+        test = PairView(val_set, range(len(val_set)), eval_tf, deterministic=True)
+    else:
+        train_idx = list(range(len(train_set)))
+        val_idx, test_idx = alternate_halves(len(val_set))
+        if not test_idx:
+            raise DataError(
+                f"{root}: VOC val.txt lists {len(val_set)} image; val and test need at least 2; {FIX}"
+            )
+        val = PairView(val_set, val_idx, eval_tf, deterministic=True)
+        test = PairView(val_set, test_idx, eval_tf, deterministic=True)
     return DataSplits(
         task="segmentation",
-        train=PairView(train_set, range(len(train_set)), train_tf, deterministic=not cfg.augment.random),
-        val=PairView(val_set, val_idx, eval_tf, deterministic=True),
-        test=PairView(val_set, test_idx, eval_tf, deterministic=True),
+        train=PairView(train_set, train_idx, train_tf, deterministic=not cfg.augment.random),
+        val=val,
+        test=test,
         num_classes=21,
         in_channels=3,
         ignore_index=IGNORE_INDEX,

@@ -1,5 +1,10 @@
 """Fit one model, with or without a teacher: the epoch loop, loss mixing, NaN guard, best-epoch selection.
 
+Length: ``train.epochs`` passes over the training split, or with ``train.iterations`` exactly that many
+optimizer steps (ceil(iterations / steps per epoch) passes, the last one cut short). Per-step learning rates:
+``scheduler: poly`` sets lr0 * (1 - n / N) ** power after the n-th of N steps (N: the iterations, the epochs'
+steps, or a compute budget's progress); ``cosine`` with a budget follows the budget's progress.
+
 The hot loop does no host-device synchronisation: per-step losses are summed on the device and read once
 per epoch, which is also when divergence (NaN/inf) is detected and the trial stopped.
 """
@@ -111,17 +116,43 @@ def selection(train_cfg, task: str) -> Selection:
     return Selection(key, key.endswith("loss"))
 
 
-def build_scheduler(optimizer, cfg, select: Selection):
-    if cfg.scheduler == "cosine" and cfg.budget is not None:
+def build_scheduler(optimizer, cfg, select: Selection, epochs: int):
+    if cfg.scheduler == "poly" or (cfg.scheduler == "cosine" and cfg.budget is not None):
         return None  # laid over the budget per step instead (compute.budget_lr)
     if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     if cfg.scheduler == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
     if cfg.scheduler == "plateau":
         mode = "min" if select.minimise else "max"
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=cfg.gamma, patience=2)
     return None
+
+
+def planned_epochs(train_cfg, steps_per_epoch: int) -> int:
+    """Passes over the training split: ``train.epochs``, or as many as ``train.iterations`` steps take."""
+    if train_cfg.iterations is None:
+        return train_cfg.epochs
+    return math.ceil(train_cfg.iterations / steps_per_epoch)
+
+
+def step_lr(optimizer: torch.optim.Optimizer, train_cfg, meter: Meter, total_steps: int):
+    """A function that sets the learning rate after each step, or None where an epoch scheduler (or none)
+    applies. ``poly``: lr0 * (1 - done) ** power, done = steps taken / ``total_steps`` (a budget's progress
+    when there is one); ``cosine`` with a budget: compute.budget_lr."""
+    if train_cfg.scheduler != "poly":
+        cosine = budget_lr(optimizer, train_cfg)
+        return None if cosine is None else (lambda: cosine(meter.progress()))
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+
+    def poly() -> None:
+        done = meter.progress() if train_cfg.budget is not None else meter.steps / total_steps
+        factor = (1.0 - min(done, 1.0)) ** train_cfg.power
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+
+    return poly
 
 
 @dataclass
@@ -137,7 +168,8 @@ class Step:
     generator: torch.Generator
     drop_last: bool
     meter: Meter
-    set_lr: Callable[[float], None] | None = None  # a learning rate laid over a compute budget
+    max_steps: int  # train.iterations, or every step of the planned epochs
+    set_lr: Callable[[], None] | None = None  # a per-step learning rate (poly, cosine over a budget)
 
 
 def kd_on(cfg, distiller: Distiller, epoch: int) -> bool:
@@ -182,8 +214,8 @@ def train_epoch(model: nn.Module, data: DataSplits, cfg, step: Step, epoch: int,
         images += len(x)
         step.meter.add(len(x))
         if step.set_lr:
-            step.set_lr(step.meter.progress())
-        if step.meter.spent:
+            step.set_lr()
+        if step.meter.spent or step.meter.steps >= step.max_steps:
             break
     means = (torch.stack(list(sums.values())) / n_batches).tolist()
     return {f"train/{k}": v for k, v in zip(sums, means)}, images
@@ -229,14 +261,16 @@ def fit(
     select = selection(tc, data.task)
     params = list(model.parameters()) + [p for p in distiller.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, tc)
-    scheduler = build_scheduler(optimizer, tc, select)
     result = FitResult(state="finished")
     best_value, best_state, stale = None, None, 0
     images_seen = 0
     tap = FeatureTap(model, distiller.student_layers)
     drop_last = len(data.train) > tc.batch_size  # a last batch of one breaks batch norm in training mode
-    kd_epochs = [kd_on(cfg, distiller, e) for e in range(tc.epochs)]
     batches = epoch_batches(len(data.train), tc.batch_size, drop_last)
+    epochs = planned_epochs(tc, len(batches))
+    max_steps = tc.iterations or epochs * len(batches)
+    scheduler = build_scheduler(optimizer, tc, select, epochs)
+    kd_epochs = [kd_on(cfg, distiller, e) for e in range(epochs)]
     meter = Meter(tc.budget, cost or StepCost(0.0), batches, kd_epochs, device)
     step = Step(
         optimizer,
@@ -248,10 +282,11 @@ def fit(
         torch.Generator().manual_seed(tc.seed),
         drop_last,
         meter,
-        budget_lr(optimizer, tc),
+        max_steps,
+        step_lr(optimizer, tc, meter, max_steps),
     )
     with tap:
-        for epoch in range(tc.epochs):
+        for epoch in range(epochs):
             meter.start_epoch(kd_epochs[epoch])
             train_metrics, images = train_epoch(model, data, cfg, step, epoch, device)
             meter.end_epoch()
@@ -282,7 +317,7 @@ def fit(
                 scheduler.step(val[select.key])
             elif scheduler is not None:
                 scheduler.step()
-            if meter.spent or (tc.early_stopping and stale >= tc.early_stopping):
+            if meter.spent or meter.steps >= max_steps or (tc.early_stopping and stale >= tc.early_stopping):
                 break
 
     result.step_seconds += meter.seconds
