@@ -1,10 +1,13 @@
-"""Worker processes: several on this machine sharing one study, or one per GPU slot."""
+"""Worker processes: several on this machine sharing one study, or one per GPU slot; SIGTERM as a clean
+stop (a scheduler's preemption, ``scancel``, Slurm's ``--signal``)."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 
 from harness.errors import HarnessError
 from harness.tracking.urls import password_env
@@ -16,6 +19,71 @@ def child_storage(storage: str | None) -> tuple[str | None, dict[str, str]]:
     if storage is None or "://" not in storage:
         return storage, {}
     return password_env(storage)
+
+
+TERM_GRACE = 30.0  # seconds from SIGTERM to exit, by default (--term-grace)
+TERM_EXIT = 143  # 128 + SIGTERM, what shells and schedulers expect of a process stopped by SIGTERM
+_terminated = threading.Event()
+_timers: list[threading.Timer] = []
+
+
+def terminated() -> bool:
+    """Whether this process got SIGTERM: an interrupted trial is then queued again for another worker."""
+    return _terminated.is_set()
+
+
+def install_sigterm(grace: float = TERM_GRACE):
+    """SIGTERM stops this process the way Ctrl-C does (the running trial ends as interrupted, storage and
+    runs stay consistent), and within ``grace`` seconds: a stop still unfinished then exits at once (the
+    trial's lease expires and it is re-queued as for a killed worker). Returns a function that puts the
+    previous handler back (for callers that go on running, such as tests calling ``main``)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    _terminated.clear()
+
+    def handler(signum, frame):
+        if _terminated.is_set():
+            return  # a second SIGTERM (the scheduler and our parent both send one): already stopping
+        _terminated.set()
+        print(f"terminated: stopping within {grace:g} s (SIGTERM)", file=sys.stderr, flush=True)
+        timer = threading.Timer(grace, _exit_now, args=(grace,))
+        timer.daemon = True
+        timer.start()
+        _timers.append(timer)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+        while _timers:
+            _timers.pop().cancel()
+
+    return restore
+
+
+def _exit_now(grace: float) -> None:
+    print(
+        f"error: not stopped {grace:g} s after SIGTERM (--term-grace); exiting now, the running trial is "
+        "re-queued once its lease expires",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(TERM_EXIT)
+
+
+def _stop_children(procs: list[subprocess.Popen], grace: float = TERM_GRACE) -> None:
+    """Pass on Ctrl-C, or SIGTERM when that is what stopped us, and wait for the workers to stop."""
+    sig = signal.SIGTERM if terminated() else signal.SIGINT
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(sig)
+    for p in procs:
+        try:
+            p.wait(timeout=grace + 5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def gpu_slots(per_gpu: int = 1) -> list[str]:
@@ -41,6 +109,7 @@ def run_gpu_workers(args, slots: list[str]) -> int:
         ("--tracking-uri", args.tracking_uri),
         ("--trials", args.trials),
         ("--timeout", args.timeout),
+        ("--term-grace", getattr(args, "term_grace", None)),
         ("--heartbeat", args.heartbeat),
     ):
         if value is not None:
@@ -54,10 +123,7 @@ def run_gpu_workers(args, slots: list[str]) -> int:
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
-        for p in procs:
-            p.send_signal(2)
-        for p in procs:
-            p.wait(timeout=60)
+        _stop_children(procs, getattr(args, "term_grace", TERM_GRACE))
         return 130
     return 0 if all(c == 0 for c in codes) else 1
 
@@ -77,6 +143,7 @@ def run_local_workers(study, tracker, parent, args) -> str:
             ("--storage", storage),
             ("--trials", study.budget.trials),
             ("--timeout", study.budget.timeout),
+            ("--term-grace", getattr(args, "term_grace", None)),
         ):
             if value is not None:
                 cmd += [flag, str(value)]
@@ -84,10 +151,7 @@ def run_local_workers(study, tracker, parent, args) -> str:
         try:
             watch(study, args.storage, lambda: all(p.poll() is not None for p in procs), quiet=args.quiet)
         except KeyboardInterrupt:
-            for p in procs:
-                p.send_signal(2)
-            for p in procs:
-                p.wait(timeout=60)
+            _stop_children(procs, getattr(args, "term_grace", TERM_GRACE))
             return "interrupted"
         codes = [p.wait() for p in procs]
     if any(c not in (0,) for c in codes):
