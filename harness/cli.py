@@ -137,6 +137,14 @@ def _store_options(p) -> None:
         "--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)"
     )
     p.add_argument("--quiet", action="store_true", help="no live display")
+    p.add_argument(
+        "--term-grace",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM, stop like Ctrl-C (the running trial is interrupted and queued again) and exit "
+        "143 within S seconds (default 30)",
+    )
 
 
 def _study_options(p) -> None:
@@ -205,12 +213,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from harness.sweep.workers import TERM_EXIT, install_sigterm, terminated
+
     args = build_parser().parse_args(argv)
+    restore = install_sigterm(getattr(args, "term_grace", 30.0))
     try:
-        return args.func(args)
+        code = args.func(args)
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        code = exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    finally:
+        restore()
+    return TERM_EXIT if code == 130 and terminated() else code
