@@ -60,7 +60,8 @@ worker: setup
 ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host $(HOST) --port $(PORT)
 
-data:
+data: setup
+	PIP='$(PY) -m pip' bash scripts/get-microscopy.sh data
 	bash scripts/get-fashion-mnist.sh data
 
 bench: setup

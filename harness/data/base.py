@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 from torch.utils.data import Dataset
 
@@ -71,6 +72,17 @@ class DataConfigBase(BaseModel):
         return data
 
 
+def ignore_ring(masks: torch.Tensor, width: int) -> torch.Tensor:
+    """``masks`` (N, H, W) with the ``width``-pixel ring around the foreground (labels > 0) set to
+    IGNORE_INDEX, as VOC does with its object boundaries; foreground pixels are never changed."""
+    if not width:
+        return masks
+    fg = masks > 0
+    near = F.max_pool2d(fg[:, None].float(), 2 * width + 1, stride=1, padding=width)[:, 0] > 0
+    masks[near & ~fg] = IGNORE_INDEX
+    return masks
+
+
 class TensorSplit(Dataset):
     """A split held as two tensors (images N,C,H,W float; targets N,H,W or N long).
 
@@ -104,6 +116,7 @@ class DataSplits:
     in_channels: int
     ignore_index: int = IGNORE_INDEX
     class_names: list[str] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)  # provenance the source records on every run
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from harness.data.base import DATA, IGNORE_INDEX, DataConfigBase, DataSplits, TensorSplit
+from harness.data.base import DATA, DataConfigBase, DataSplits, TensorSplit, ignore_ring
 
 
 class DigitsSegConfig(DataConfigBase):
@@ -94,10 +94,7 @@ def _compose(
 def _finish_labels(cfg: DigitsSegConfig, masks: torch.Tensor) -> torch.Tensor:
     """Ignore the `boundary`-pixel ring around the ink (never ink itself); collapse digits if binary."""
     ink = masks > 0
-    if cfg.boundary:
-        width = 2 * cfg.boundary + 1
-        near_ink = F.max_pool2d(ink[:, None].float(), width, stride=1, padding=cfg.boundary)[:, 0] > 0
-        masks[near_ink & ~ink] = IGNORE_INDEX
+    ignore_ring(masks, cfg.boundary)
     if cfg.binary:
         masks[ink] = 1
     return masks

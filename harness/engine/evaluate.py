@@ -1,5 +1,6 @@
 """Measures of a trained model: loss, mIoU, pixel accuracy, accuracy, parameters, FLOPs, ms/image; and the
-score of the trivial predictor (the majority class everywhere) that a model has to beat."""
+score of the trivial predictors (the majority class everywhere; for binary one-channel segmentation also the
+best single intensity threshold) that a model has to beat."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from harness.data.base import quality_metric
 from harness.data.loader import iterate_batches
+from harness.engine.threshold import ThresholdPrediction, fit_threshold
 
 
 def segmentation_metrics(num_classes: int, ignore_index: int, device) -> dict[str, object]:
@@ -99,7 +101,9 @@ def label_counts(split, num_classes: int, ignore_index: int, device: torch.devic
 
 def trivial_score(data, device: torch.device) -> dict[str, float]:
     """``trivial/test_<metric>``: the training split's majority class predicted for every pixel (or image),
-    scored on the test split with the model's quality metric."""
+    scored on the test split with the model's quality metric. For a two-class one-channel segmentation also
+    ``trivial/threshold_test_<metric>``: the best single intensity threshold chosen on train
+    (:mod:`harness.engine.threshold`), and ``trivial/threshold``, its value."""
     counts = label_counts(data.train, data.num_classes, data.ignore_index, device)
     per_pixel = data.task == "segmentation"
     predictor = ConstantPrediction(int(counts.argmax()), data.num_classes, per_pixel)
@@ -112,7 +116,19 @@ def trivial_score(data, device: torch.device) -> dict[str, float]:
         ignore_index=data.ignore_index,
         device=device,
     )
-    return {f"trivial/test_{metric}": scores[metric]}
+    out = {f"trivial/test_{metric}": scores[metric]}
+    if per_pixel and data.num_classes == 2 and data.in_channels == 1:
+        threshold, above, _ = fit_threshold(data.train, data.ignore_index, device)
+        scores = evaluate(
+            ThresholdPrediction(threshold, above),
+            data.test,
+            task=data.task,
+            num_classes=2,
+            ignore_index=data.ignore_index,
+            device=device,
+        )
+        out.update({f"trivial/threshold_test_{metric}": scores[metric], "trivial/threshold": threshold})
+    return out
 
 
 def count_flops(model: nn.Module, example: torch.Tensor) -> int:

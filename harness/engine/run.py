@@ -218,7 +218,9 @@ def log_setup(run: Run, cfg: ExperimentConfig, p: Prepared) -> dict[str, float]:
     trivial predictor's score. Returns the sizes, which are logged again with the final metrics."""
     run.log_params({**cfg.flat(), "seed": cfg.train.seed})
     run.log_yaml(cfg.model_dump(mode="json"), "config.yaml")
-    run.set_tags({**provenance_tags(p.device), **p.teacher_tags, "teacher.outputs": p.served or "none"})
+    run.set_tags(
+        {**provenance_tags(p.device), **p.data.tags, **p.teacher_tags, "teacher.outputs": p.served or "none"}
+    )
     cache_flops = teacher_cache_flops(p.served, p.teacher, p.data, p.device)
     if cache_flops is not None:  # logged now: a run pruned, failed or killed later still counts it
         run.log_metrics({"teacher_cache_flops": cache_flops})
