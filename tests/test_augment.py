@@ -193,6 +193,7 @@ def test_config_checks_and_dumps():
     assert AugmentConfig(resize=8, crop=10, scale=(0.5, 2.0)).crop == 10  # padding covers it when scaled
     assert AugmentConfig(scale=(0.5, 2.0)).random and not AugmentConfig(crop_eval=False).random
     assert not AugmentConfig(crop=8, crop_eval=False).fixed_size and AugmentConfig(crop=8).fixed_size
+    assert AugmentConfig(crop=8, scale=(0.5, 2.0)).fixed_size  # train crops and eval centre crops: one size
     # fields at their off values stay out of dumps, so configs hashed before they existed keep their hash
     assert AugmentConfig(resize=8, hflip=True).model_dump() == {
         "resize": 8,

@@ -120,7 +120,7 @@ class AugmentConfig(BaseModel):
     @property
     def fixed_size(self) -> bool:
         """True when every split's outputs have one size whatever the input's size."""
-        return self.resize is not None or (self.crop is not None and self.crop_eval and self.scale is None)
+        return self.resize is not None or (self.crop is not None and self.crop_eval)
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
