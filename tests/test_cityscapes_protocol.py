@@ -247,3 +247,29 @@ def test_dry_run_reports_a_broken_study_in_one_line_with_exit_2(tmp_path, capsys
     assert harness_main(["sweep", "--study", str(bad), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert "data.augment.scale" in err and "0 < low <= high" in err and len(err.splitlines()) == 1
+
+
+def test_protocol_trains_from_the_cli_on_a_fake_tree_with_a_live_teacher(tmp_path):
+    """The student file's data and schedule (tiny models, 7 iterations), CWD from a teacher: random crops
+    mean the teacher runs live; poly per step; val on held-out train cities, test on all of val."""
+    from mlflow.tracking import MlflowClient
+
+    make_cityscapes(tmp_path / "cs", {"train": {"aachen": 4, "bochum": 2, "ulm": 2}, "val": LAYOUT["val"]})
+    student = load_experiment(ROOT / "experiments/cityscapes/deeplabv3_r18.yaml").model_dump(mode="json")
+    student["data"].update(root=str(tmp_path / "cs"), holdout_cities=["ulm"])
+    student["data"]["augment"]["crop"] = [16, 32]
+    student["model"] = {"name": "unet", "width": 2, "depth": 2}
+    student["train"].update(iterations=7, batch_size=2)
+    teacher = {**student, "name": "cs_teacher", "model": {"name": "unet", "width": 4, "depth": 2}}
+    teacher["train"] = {**student["train"], "iterations": 3}
+    student.update(teacher=str(write_yaml(tmp_path / "teacher.yaml", teacher)), kd={"method": "cwd"})
+    uri = f"sqlite:///{tmp_path}/mlruns/m.db"
+    args = ["train", "--config", str(write_yaml(tmp_path / "student.yaml", student)), "--quiet"]
+    assert harness_main([*args, "--tracking-uri", uri]) == 0
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    run = next(r for r in runs if r.data.params.get("kd.method") == "cwd")
+    assert run.data.metrics["train_steps"] == 7 and run.data.tags["teacher.outputs"].startswith("live")
+    lrs = [m.value for m in client.get_metric_history(run.info.run_id, "lr")]
+    assert lrs == pytest.approx([0.02 * (1 - 3 / 7) ** 0.9, 0.02 * (1 - 6 / 7) ** 0.9, 0.0])
+    assert run.data.metrics["train/cwd"] > 0 and 0 <= run.data.metrics["test/miou"] <= 1
