@@ -129,8 +129,8 @@ def _load(tracker: Tracker, name: str) -> StudyRuns:
 
 def _from_study(tracker: Tracker, name: str, trial: int | None, seed: int | None) -> Choice:
     study = _load(tracker, name)
-    groups = build_groups(study)
-    finished = groups[groups["seeds_finished"] > 0] if len(groups) else groups
+    groups = build_groups(study) if (study.seeds["state"] == "finished").any() else None
+    finished = groups[groups["seeds_finished"] > 0] if groups is not None and len(groups) else []
     if not len(finished):
         states = study.trials["state"].value_counts().to_dict() if len(study.trials) else {}
         raise ExportError(

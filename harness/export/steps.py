@@ -37,7 +37,8 @@ class Built:
     def lines(self) -> list[str]:
         c, t = self.choice, self.timing
         return [
-            f"chose {c.name} trial {c.trial} seed {c.seed} (run {c.run_id}): {c.objective or 'named run'}; "
+            f"chose {c.name}{'' if c.trial is None else f' trial {c.trial}'} seed {c.seed} (run {c.run_id}): "
+            f"{c.objective or 'the named run'}; "
             f"{c.quality} {self.meta['quality_text']}",
             f"exported ONNX opset {self.exported.opset}, input {self.exported.input_shape} "
             f"(dynamic: {', '.join(self.exported.dynamic)})",

@@ -23,6 +23,13 @@ class Registered:
     run_id: str  # the export run it was logged on
 
 
+def _client(tracker: Tracker):
+    """A client whose registry is the tracker's store (a bare client takes the process's registry URI)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracker.uri, registry_uri=tracker.uri)
+
+
 def experiment_of(tracker: Tracker, run_id: str) -> str:
     """The name of the experiment that holds ``run_id``."""
     client = tracker._client
@@ -65,19 +72,24 @@ def register_onnx(
             name="model",
             signature=signature,
             input_example=example.astype(np.float32),
-            registered_model_name=name,
             extra_files=[str(p) for p in extra_files],
             save_as_external_data=False,
             onnx_execution_providers=["CPUExecutionProvider"],
+            pip_requirements=_requirements(),  # stated: inferring them runs a subprocess (~10 s)
             tags={"study": tags.get("study", name)},
         )
-    version = int(info.registered_model_version)
-    client = tracker._client
-    for key, value in tags.items():
-        client.set_model_version_tag(name, str(version), key, str(value))
+    found = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    version = int(found.version)
     if description:
-        client.update_model_version(name, str(version), description=description)
+        _client(tracker).update_model_version(name, str(version), description=description)
     return Registered(name, version, f"models:/{name}/{version}", info.model_id, run.id)
+
+
+def _requirements() -> list[str]:
+    """What serving the model needs, at the versions this process has."""
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p)}" for p in ("onnx", "onnxruntime", "numpy")]
 
 
 def model_versions(tracker: Tracker, name: str) -> list[dict]:
@@ -86,7 +98,7 @@ def model_versions(tracker: Tracker, name: str) -> list[dict]:
     from mlflow.exceptions import MlflowException
 
     try:
-        found = tracker._client.search_model_versions(f"name = '{name}'")
+        found = _client(tracker).search_model_versions(f"name = '{name}'")
     except MlflowException:
         return []
     rows = [
