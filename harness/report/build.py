@@ -17,7 +17,7 @@ from harness.report.figures import make_plots
 from harness.report.groups import build_groups, group_seeds, varying
 from harness.report.load import ReportError, StudyRuns, load_study
 from harness.report.markdown import Table, document, number, section
-from harness.report.sanity import trivial_score, trivial_text
+from harness.report.sanity import trivial_text
 from harness.report.tables import (
     best_trials_table,
     classification_table,
@@ -130,7 +130,7 @@ def _intro(study: StudyRuns, groups: pd.DataFrame, counts: dict[str, int]) -> li
             f"{number(t.get(study.quality, np.nan))}, {number(t.get('params', np.nan))} parameters, "
             f"{number(t.get('ms_per_image', np.nan))} ms/image."
         )
-    trivial = trivial_text(study, trivial_score(study, study.seeds), qlabel)
+    trivial = trivial_text(study, study.seeds, qlabel)
     lines.append(f"{trivial[0].upper()}{trivial[1:]}.")
     lines.append(
         "Tables report test metrics as mean ± std over the finished seeds (n), with the seeds that "

@@ -249,10 +249,9 @@ def _students(study: StudyRuns, sides: Sides, keys: list[str], metric: str) -> l
 
 def _trivial_note(study: StudyRuns, out: pd.DataFrame, qlabel: str) -> str:
     scores = pd.to_numeric(out[f"trivial {qlabel}"], errors="coerce").dropna().unique()
-    score = float(scores[0]) if len(scores) == 1 else np.nan
     if len(scores) > 1:
-        return f"trivial {qlabel}: the trivial predictor's score on each baseline's data"
-    return trivial_text(study, score, qlabel)
+        return f"trivial {qlabel}: the strongest trivial predictor's score on each baseline's data"
+    return trivial_text(study, study.seeds, qlabel)
 
 
 def _finding(

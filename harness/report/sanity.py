@@ -2,8 +2,9 @@
 teacher against the no-KD student.
 
 The engine logs on every run the test score of the trivial predictor (``trivial/test_miou``: the train
-split's majority class for every pixel; ``trivial/test_accuracy`` for classification). A no-KD student
-within ``TRIVIAL_MARGIN`` of it has learned next to nothing, and a teacher less than ``TEACHER_MARGIN``
+split's majority class for every pixel; ``trivial/test_accuracy`` for classification) and, for binary
+one-channel segmentation, of the best single intensity threshold (``trivial/threshold_test_miou``). A no-KD
+student within ``TRIVIAL_MARGIN`` of the stronger of them has learned next to nothing, and a teacher less than ``TEACHER_MARGIN``
 above the best no-KD student has nothing to teach it: in either case the finding warns instead of
 presenting KD verdicts as findings. Runs logged before the metric existed: the report says it is not
 recorded.
@@ -27,29 +28,53 @@ TRIVIAL_WHAT = {
 }
 
 
-def trivial_metric(study: StudyRuns) -> str:
-    """``test/miou`` -> ``trivial/test_miou``: the engine's name for the trivial predictor's score."""
-    return f"trivial/{study.quality.replace('/', '_')}"
+THRESHOLD_WHAT = "best single intensity threshold, chosen on the train split"
 
 
-def trivial_score(study: StudyRuns, seeds: pd.DataFrame) -> float:
-    """The trivial predictor's test score: the median over the finished seed runs that logged it (it
-    depends on the data only), NaN when none did."""
-    col = f"metrics.{trivial_metric(study)}"
+def trivial_metric(study: StudyRuns, which: str = "majority") -> str:
+    """``test/miou`` -> ``trivial/test_miou`` (majority) or ``trivial/threshold_test_miou`` (threshold):
+    the engine's names for the trivial predictors' scores."""
+    prefix = "threshold_" if which == "threshold" else ""
+    return f"trivial/{prefix}{study.quality.replace('/', '_')}"
+
+
+def _median(study: StudyRuns, seeds: pd.DataFrame, which: str) -> float:
+    col = f"metrics.{trivial_metric(study, which)}"
     if col not in seeds:
         return np.nan
     values = pd.to_numeric(seeds.loc[seeds["state"] == "finished", col], errors="coerce").dropna()
     return float(values.median()) if len(values) else np.nan
 
 
-def trivial_text(study: StudyRuns, score: float, qlabel: str) -> str:
+def trivial_scores(study: StudyRuns, seeds: pd.DataFrame) -> dict[str, float]:
+    """Each trivial predictor's test score: the median over the finished seed runs that logged it (it
+    depends on the data only), NaN when none did. ``threshold`` only where the engine logs it (binary
+    one-channel segmentation)."""
+    out = {"majority": _median(study, seeds, "majority")}
+    threshold = _median(study, seeds, "threshold")
+    if np.isfinite(threshold):
+        out["threshold"] = threshold
+    return out
+
+
+def trivial_score(study: StudyRuns, seeds: pd.DataFrame) -> float:
+    """The strongest trivial predictor's test score (NaN when none was recorded): what a student must beat."""
+    scores = [v for v in trivial_scores(study, seeds).values() if np.isfinite(v)]
+    return max(scores) if scores else np.nan
+
+
+def trivial_text(study: StudyRuns, seeds: pd.DataFrame, qlabel: str) -> str:
     what = TRIVIAL_WHAT.get(study.task, "majority class")
-    if np.isnan(score):
+    scores = trivial_scores(study, seeds)
+    if np.isnan(scores["majority"]):
         return (
             f"trivial predictor ({what}): not recorded (`{trivial_metric(study)}` is missing: runs logged "
             "before the engine recorded it), so the report cannot tell whether the student learned anything"
         )
-    return f"trivial predictor ({what}) {qlabel} {number(score)}"
+    text = f"trivial predictor ({what}) {qlabel} {number(scores['majority'])}"
+    if "threshold" in scores:
+        text += f"; trivial predictor ({THRESHOLD_WHAT}) {qlabel} {number(scores['threshold'])}"
+    return text
 
 
 def warnings(students: Sequence[tuple[str, float, float]], teacher: float, qlabel: str) -> list[str]:
