@@ -53,10 +53,10 @@ def to_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Exported:
     batch = torch.export.Dim("batch", min=1, max=4096)
     side = MAX_SIDE // step
     spatial = {i: step * torch.export.Dim(n, min=1, max=side) for i, n in ((2, "h"), (3, "w"))}
-    attempts = [({0: batch, **spatial}, True)] if example.dim() == 4 else []
-    attempts.append(({0: batch}, False))
+    attempts = [{0: batch, **spatial}] if example.dim() == 4 else []
+    attempts.append({0: batch})
     first_error = None
-    for dims, dynamic_size in attempts:
+    for dims in attempts:
         try:
             _export(model, example, path, dims)
         except Exception as exc:  # the exporter raises many types; each becomes one line below
@@ -65,9 +65,12 @@ def to_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Exported:
             if _operator(exc) is not None:
                 break  # a missing operator: a static size would not help
             continue
+        inputs, outputs = _shapes(path)
         multiple = f" (multiple of {step})" if step > 1 else ""
-        dynamic = ["batch"] + ([f"height{multiple}", f"width{multiple}"] if dynamic_size else [])
-        return Exported(path, OPSET, dynamic, *_shapes(path))
+        labels = ["batch", "channels", f"height{multiple}", f"width{multiple}"]
+        # what the graph left dynamic (the exporter fixes a size the model's graph depends on)
+        dynamic = [labels[i] for i, d in enumerate(inputs) if isinstance(d, str) and i < len(labels)]
+        return Exported(path, OPSET, dynamic, inputs, outputs)
     raise ExportError(_message(model, first_error)) from None
 
 

@@ -84,8 +84,12 @@ def build(tracker: Tracker, args) -> Built:
     folder.mkdir(parents=True, exist_ok=True)
     for name in (ONNX_FILE, *SIDE_FILES):  # an earlier export's files never mix with this one's
         (folder / name).unlink(missing_ok=True)
-    exported = to_onnx(model, example, folder / ONNX_FILE)
-    check = verify(model, exported.path, data, limit=args.val_images)
+    try:
+        exported = to_onnx(model, example, folder / ONNX_FILE)
+        check = verify(model, exported.path, data, limit=args.val_images)
+    except ExportError:
+        (folder / ONNX_FILE).unlink(missing_ok=True)  # no half-written package is left behind
+        raise
     timing = cpu_timing(model, exported.path, example, threads=args.threads)
     tags = choice.tags()
     meta = {
