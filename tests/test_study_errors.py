@@ -69,7 +69,7 @@ BROKEN = {
     ),
     "grid over a range": (
         lambda s: {**s, "sampler": {"name": "grid"}, "search": {"train.lr": {"low": 0.1, "high": 1.0}}},
-        "grid sampler needs plain choices",
+        "grid sampler needs choices for every parameter",
     ),
     "missing experiment file": (
         lambda s: {**s, "experiment": "experiments/nope.yaml"},

@@ -31,6 +31,7 @@ from harness.sweep.schema import (
     check_phases,
     default_budget,
     first_seeds,
+    grid_point_list,
 )
 from harness.sweep.schema import Strict as _Strict
 
@@ -209,12 +210,9 @@ class StudyConfig(_Strict):
                 raise ValueError(f"search.{key}.when depends on {later}; list {later} above {key} in search")
             seen.add(param.target(key))
         if self.sampler.name == "grid":
-            bad = [k for k, p in self.search.items() if p.choices is None or p.when]
+            bad = [k for k, p in self.search.items() if p.choices is None]
             if bad:
-                raise ValueError(
-                    "the grid sampler needs plain choices for every parameter; "
-                    f"{bad} are ranges or conditional"
-                )
+                raise ValueError(f"the grid sampler needs choices for every parameter; {bad} are ranges")
         per_epoch = self.pruner.name in ("median", "hyperband")
         n = len(first_seeds(self.seeds))
         if per_epoch and n > 1:
@@ -232,8 +230,9 @@ class StudyConfig(_Strict):
     def _default_budget(cls, tree: Any) -> Any:
         return default_budget(tree) if isinstance(tree, dict) else tree
 
-    def grid(self) -> dict[str, list[Any]]:
-        return {k: list(p.choices) for k, p in self.search.items()}
+    def grid(self) -> list[dict[str, Any]]:
+        """The grid's points (conditional entries only where their ``when`` holds): schema.grid_point_list."""
+        return grid_point_list({k: p.model_dump() for k, p in self.search.items()}, self.fixed)
 
     def seed_keys(self) -> list[str]:
         """The fixed keys and search entries that set ``train.seed`` (by the key they set, not their name)."""

@@ -6,7 +6,6 @@ the recovery of dead workers' trials are ``leases.py``.
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import random
@@ -200,9 +199,7 @@ def enqueue_grid(study: StudyConfig, opened: optuna.Study) -> None:
         for t in opened.get_trials(deepcopy=False)
         if trial_state(t) in (*COUNTED_STATES, "running")
     }
-    grid = study.grid()
-    for values in itertools.product(*grid.values()):
-        point = dict(zip(grid, values))
+    for point in study.grid():
         if study.trial_key(point) not in taken:
             opened.enqueue_trial(point)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from harness.errors import ConfigError
@@ -98,9 +97,35 @@ class Confirm(Strict):
     seeds: Seeds
 
 
-def grid_points(search: dict[str, Any], leave_out: str | None = None) -> int:
-    sizes = [len(p.get("choices") or []) for k, p in search.items() if isinstance(p, dict) and k != leave_out]
-    return max(1, int(np.prod(sizes)))
+def grid_point_list(
+    search: dict[str, Any], fixed: dict[str, Any] | None = None, leave_out: str | None = None
+) -> list[dict[str, Any]]:
+    """Every point of a grid, by search entry name: the product of the entries' choices, in file order, with
+    a conditional entry (``when``) only in the points where its condition holds on the fixed keys and the
+    entries before it (so ``none`` is not repeated for every temperature of ``response``)."""
+    points: list[dict[str, Any]] = [{}]
+    targets: list[dict[str, Any]] = [dict(fixed or {})]
+    for name, entry in search.items():
+        if not isinstance(entry, dict) or name == leave_out:
+            continue
+        target, when = entry.get("key") or name, entry.get("when") or {}
+        grown, grown_targets = [], []
+        for point, values in zip(points, targets):
+            holds = all(
+                values.get(k) in (wanted if isinstance(wanted, list) else [wanted])
+                for k, wanted in when.items()
+            )
+            for choice in (entry.get("choices") or []) if holds else [None]:
+                grown.append({**point, name: choice} if holds else point)
+                grown_targets.append({**values, target: choice} if holds else values)
+        points, targets = grown, grown_targets
+    return points
+
+
+def grid_points(
+    search: dict[str, Any], leave_out: str | None = None, fixed: dict[str, Any] | None = None
+) -> int:
+    return max(1, len(grid_point_list(search, fixed, leave_out)))
 
 
 def default_budget(tree: dict[str, Any]) -> dict[str, Any]:
@@ -122,7 +147,7 @@ def default_budget(tree: dict[str, Any]) -> dict[str, Any]:
             trials = len(choices) * per_arm if isinstance(per_arm, int) and choices else 1
             return {**tree, "budget": {**budget, "trials": trials}}
     if grid and "budget" not in tree:
-        return {**tree, "budget": {"trials": grid_points(search)}}
+        return {**tree, "budget": {"trials": grid_points(search, fixed=tree.get("fixed"))}}
     return tree
 
 
