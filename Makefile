@@ -13,7 +13,7 @@ PORT ?= 5000
 
 SWEEP_ARGS = --study studies/$(STUDY).yaml $(if $(TRIALS),--trials $(TRIALS)) $(if $(WORKERS),--workers $(WORKERS)) $(if $(STORAGE),--storage $(STORAGE))
 
-.PHONY: setup test lint train sweep worker server ui dashboard report bench data clean-venv
+.PHONY: setup test lint train sweep worker server ui dashboard report export bench data clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,9 @@ server: setup
 worker: setup
 	@test -n "$(STORAGE)" && test -n "$(TRACKING)" || { echo "usage: make worker STUDY=quickstart STORAGE=postgresql://user@dbhost:5433/optuna TRACKING=http://host:5000 (docs/scale-out.md)"; exit 2; }
 	$(PY) -m harness worker --study studies/$(STUDY).yaml --storage '$(STORAGE)' --tracking-uri '$(TRACKING)' $(if $(PER_GPU),--per-gpu $(PER_GPU)) $(if $(TRIALS),--trials $(TRIALS))
+
+export: setup
+	$(PY) -m harness export --study $(STUDY)
 
 ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host $(HOST) --port $(PORT)
