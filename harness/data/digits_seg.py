@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from harness.data.base import DATA, DataConfigBase, DataSplits, TensorSplit, ignore_ring
+from harness.data.device_augment import TensorAugmentConfig, augment_field
 
 
 class DigitsSegConfig(DataConfigBase):
@@ -38,6 +39,7 @@ class DigitsSegConfig(DataConfigBase):
     ink_threshold: float = Field(0.2, gt=0, lt=1)  # intensity in [0, 1] above which a pixel is ink
     boundary: int = Field(1, ge=0, le=1)  # width in pixels of the ignored ring around the ink
     binary: bool = False  # 2 classes: background, digit
+    augment: TensorAugmentConfig | None = augment_field()  # random views on the device (train only)
 
     @model_validator(mode="after")
     def _check(self):

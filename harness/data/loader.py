@@ -1,7 +1,9 @@
 """Batches of (images, targets, sample indices) from any split.
 
-A TensorSplit is sliced directly (no per-sample Python work, no worker processes); any other Dataset goes
-through a DataLoader. The indices let the trainer look up cached teacher outputs for each sample.
+A TensorSplit is sliced directly (no per-sample Python work, no worker processes); a split that makes its
+views on the device (``pass_rows``/``views``: random augmentation of in-memory data, replayed teacher views)
+draws one view per sample per pass and builds each batch in one call; any other Dataset goes through a
+DataLoader. The indices let the trainer look up cached teacher outputs for each sample.
 """
 
 from __future__ import annotations
@@ -37,6 +39,15 @@ def iterate_batches(
     drop_last: bool = False,
 ):
     n = len(split)
+    if hasattr(split, "pass_rows"):  # views made on the device per pass (device_augment.py, engine/views.py)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        rows = split.pass_rows(shuffle, generator)
+        stop = n - n % batch_size if drop_last and n >= batch_size else n
+        for start in range(0, stop, batch_size):
+            idx = order[start : start + batch_size]
+            x, y = split.views(idx, rows[idx])
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True), idx
+        return
     if isinstance(split, TensorSplit):
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         order = order.to(split.images.device)

@@ -23,6 +23,7 @@ import torch
 from harness.config import ExperimentConfig
 from harness.data import load_data
 from harness.data.base import DataSplits, TensorSplit
+from harness.data.device_augment import augment_in_memory
 from harness.distill import KD_METHODS
 from harness.engine.compute import first_batch, measure_step_cost, teacher_cache_flops
 from harness.engine.evaluate import count_flops, evaluate, ms_per_image, timing_tag, trivial_score
@@ -78,6 +79,7 @@ def cached_data(cfg: ExperimentConfig, device: torch.device) -> DataSplits:
             split = getattr(data, name)
             if isinstance(split, TensorSplit):
                 setattr(data, name, split.to(device))
+        data = augment_in_memory(data, getattr(cfg.data, "augment", None))  # random views on the device
         _DATA.clear()
         _DATA[key] = data
     return _DATA[key]
