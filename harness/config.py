@@ -85,6 +85,16 @@ class TrainConfig(BaseModel):
     compile: bool = False
     teacher_cache: bool = Field(True, description="compute the teacher's outputs once when inputs are fixed")
     teacher_cache_gb: float = Field(4.0, gt=0, description="largest teacher cache to keep on the device")
+    teacher_views: int = Field(
+        0,
+        ge=0,
+        description="with random data.augment: draw this many views per training image once, store the "
+        "teacher's outputs on each, and train every epoch on one stored view per image (0: live teacher)",
+    )
+    teacher_views_topk: int | None = Field(
+        None, ge=1, description="store only the k largest teacher logits per pixel (rest: spread mass)"
+    )
+    teacher_views_seed: int = Field(0, description="seed of the stored views (shared by a study's trials)")
 
     @field_validator("select_on")
     @classmethod
@@ -111,6 +121,9 @@ class TrainConfig(BaseModel):
                 data.pop("iterations", None)
             if data.get("scheduler") != "poly" and data.get("power") == 0.9:
                 data.pop("power", None)
+            for key, off in (("teacher_views", 0), ("teacher_views_topk", None), ("teacher_views_seed", 0)):
+                if data.get(key, off) == off:
+                    data.pop(key, None)
         return data
 
 
