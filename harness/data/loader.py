@@ -37,14 +37,17 @@ def iterate_batches(
     shuffle: bool,
     generator: torch.Generator | None = None,
     drop_last: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ):
+    """Batches of ``batch_size`` in a seeded order. With ``shard=(rank, world)`` each batch of that order is
+    split over ``world`` processes and this one gets ``batch[rank::world]`` (DistributedSampler's split;
+    empty shares skipped): together the processes see the one-process batches, in the same order."""
     n = len(split)
     if hasattr(split, "pass_rows"):  # views made on the device per pass (device_augment.py, engine/views.py)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         rows = split.pass_rows(shuffle, generator)
         stop = n - n % batch_size if drop_last and n >= batch_size else n
-        for start in range(0, stop, batch_size):
-            idx = order[start : start + batch_size]
+        for idx in _shares(order, batch_size, stop, shard):
             x, y = split.views(idx, rows[idx])
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True), idx
         return
@@ -52,20 +55,19 @@ def iterate_batches(
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         order = order.to(split.images.device)
         stop = n - n % batch_size if drop_last and n >= batch_size else n
-        for start in range(0, stop, batch_size):
-            idx = order[start : start + batch_size]
+        for idx in _shares(order, batch_size, stop, shard):
             x, y = split.images[idx], split.targets[idx]
             if x.device != device:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             yield x, y, idx
         return
     workers = min(4, os.cpu_count() or 1)
+    batching = dict(batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last)
+    if shard[1] > 1:
+        batching = _shard_batching(n, batch_size, shuffle, generator, drop_last, shard)
     loader = DataLoader(
         _WithIndex(split),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        drop_last=drop_last,
+        **batching,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
@@ -75,6 +77,24 @@ def iterate_batches(
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True), idx
     except DataError as exc:  # raised in a worker: torch wraps our one-line message in the worker's traceback
         raise DataError(str(exc).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+
+
+def _shares(order: torch.Tensor, batch_size: int, stop: int, shard: tuple[int, int]):
+    rank, world = shard
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size][rank::world]
+        if len(idx):
+            yield idx
+
+
+def _shard_batching(n, batch_size, shuffle, generator, drop_last, shard) -> dict:
+    """DataLoader arguments for this rank's shares of the seeded order's batches; its workers' random
+    augmentations are seeded apart from the other ranks'."""
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    shares = [idx.tolist() for idx in _shares(order, batch_size, stop, shard)]
+    seed = int(torch.randint(0, 2**62, (), generator=generator)) if generator is not None else 0
+    return {"batch_sampler": shares, "generator": torch.Generator().manual_seed(seed + shard[0])}
 
 
 def fixed_inputs(split: Dataset) -> bool:
