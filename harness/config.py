@@ -95,6 +95,15 @@ class TrainConfig(BaseModel):
         None, ge=1, description="store only the k largest teacher logits per pixel (rest: spread mass)"
     )
     teacher_views_seed: int = Field(0, description="seed of the stored views (shared by a study's trials)")
+    grad_accum: int = Field(
+        1,
+        ge=1,
+        description="micro-steps per optimizer step: train.batch_size (the global batch, all processes "
+        "together) is split over the processes (torchrun) and then into this many micro-batches",
+    )
+    sync_bn: bool = Field(
+        False, description="several processes (torchrun): batch norm statistics over all of them (CUDA only)"
+    )
 
     @field_validator("select_on")
     @classmethod
@@ -121,7 +130,13 @@ class TrainConfig(BaseModel):
                 data.pop("iterations", None)
             if data.get("scheduler") != "poly" and data.get("power") == 0.9:
                 data.pop("power", None)
-            for key, off in (("teacher_views", 0), ("teacher_views_topk", None), ("teacher_views_seed", 0)):
+            for key, off in (
+                ("teacher_views", 0),
+                ("teacher_views_topk", None),
+                ("teacher_views_seed", 0),
+                ("grad_accum", 1),
+                ("sync_bn", False),
+            ):
                 if data.get(key, off) == off:
                     data.pop(key, None)
         return data
