@@ -15,14 +15,20 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from harness.data.base import quality_metric
 from harness.data.loader import iterate_batches
+from harness.engine import distributed
 from harness.engine.threshold import ThresholdPrediction, fit_threshold
+
+# torchmetrics would all-gather its states on compute() whenever a process group exists; a sharded
+# evaluation sums them itself (distributed.reduce_metric_states) and an unsharded one must not sync.
+LOCAL = {"sync_on_compute": False}
 
 
 def segmentation_metrics(num_classes: int, ignore_index: int, device) -> dict[str, object]:
+    kw = dict(num_classes=num_classes, ignore_index=ignore_index, **LOCAL)
     return {
-        "miou": MulticlassJaccardIndex(num_classes, average="macro", ignore_index=ignore_index).to(device),
-        "pixel_acc": MulticlassAccuracy(num_classes, average="micro", ignore_index=ignore_index).to(device),
-        "iou": MulticlassJaccardIndex(num_classes, average=None, ignore_index=ignore_index).to(device),
+        "miou": MulticlassJaccardIndex(average="macro", **kw).to(device),
+        "pixel_acc": MulticlassAccuracy(average="micro", **kw).to(device),
+        "iou": MulticlassJaccardIndex(average=None, **kw).to(device),
     }
 
 
@@ -37,16 +43,21 @@ def evaluate(
     device: torch.device,
     batch_size: int = 64,
     autocast=None,
+    shard: bool = False,
 ) -> dict[str, float]:
-    """Loss and task metrics over a whole split. Returns plain floats (one host sync at the end)."""
+    """Loss and task metrics over a whole split. Returns plain floats (one host sync at the end).
+
+    ``shard``: every process of a group (torchrun) evaluates its share of each batch and the sums (loss,
+    pixel counts, confusion matrices) are added up over the group, so all get the one-process figures."""
+    ctx = distributed.current() if shard else distributed.Dist()
     model.eval()
     if task == "segmentation":
         metrics = segmentation_metrics(num_classes, ignore_index, device)
     else:
-        metrics = {"accuracy": MulticlassAccuracy(num_classes, average="micro").to(device)}
+        metrics = {"accuracy": MulticlassAccuracy(num_classes, average="micro", **LOCAL).to(device)}
     loss_sum = torch.zeros((), device=device)
     count = torch.zeros((), device=device)
-    for x, y, _ in iterate_batches(split, batch_size, device=device, shuffle=False):
+    for x, y, _ in iterate_batches(split, batch_size, device=device, shuffle=False, shard=ctx.shard):
         with autocast() if autocast else torch.autocast(device.type, enabled=False):
             logits = model(x)
         logits = logits.float()
@@ -55,6 +66,10 @@ def evaluate(
         pred = logits.argmax(1)
         for metric in metrics.values():
             metric.update(pred, y)
+    if ctx.active:
+        distributed.all_sum(loss_sum, count)
+        for metric in metrics.values():
+            distributed.reduce_metric_states(metric)
     out = {"loss": (loss_sum / count.clamp(min=1)).item()}
     for name, metric in metrics.items():
         value = metric.compute()
