@@ -90,8 +90,6 @@ def recover_dead_trials(study: optuna.Study, close_runs: Callable[[int, str], No
 
     Returns the numbers of the trials recovered here. When several workers find the same dead trial, the
     one whose FAIL lands first re-enqueues it; the others see the trial finished and leave it."""
-    from harness.sweep.optuna_study import is_extra  # optuna_study imports this module
-
     recovered = []
     storage = study._storage
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -105,9 +103,15 @@ def recover_dead_trials(study: optuna.Study, close_runs: Callable[[int, str], No
         except UpdateFinishedTrialError:
             continue
         close_runs(trial.number, f"{why}; parameters re-queued")
-        carried = (
-            {k: trial.user_attrs[k] for k in CARRIED if k in trial.user_attrs} if is_extra(trial) else {}
-        )
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, **carried})
+        requeue(study, trial)
         recovered.append(trial.number)
     return recovered
+
+
+def requeue(study: optuna.Study, trial) -> None:
+    """Queue a trial's parameters again (with what a round or confirmation trial carries), for the next
+    worker: after its worker died, or was stopped by SIGTERM."""
+    from harness.sweep.optuna_study import is_extra  # optuna_study imports this module
+
+    carried = {k: trial.user_attrs[k] for k in CARRIED if k in trial.user_attrs} if is_extra(trial) else {}
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, **carried})

@@ -30,7 +30,7 @@ from harness.data.base import QUALITY
 from harness.engine.run import run_experiment
 from harness.errors import HarnessError
 from harness.sweep.config import StudyConfig
-from harness.sweep.leases import Lease
+from harness.sweep.leases import Lease, requeue
 from harness.sweep.optuna_study import (
     COUNTED_STATES,
     SurplusTrial,
@@ -43,6 +43,7 @@ from harness.sweep.optuna_study import (
     used_budget,
 )
 from harness.sweep.rounds import ended_seeds, in_flight
+from harness.sweep.workers import terminated
 from harness.tracking import Tracker
 
 RUN_TAGS = ("phase", "arm", "round")  # trial user attrs also set as tags of its MLflow runs
@@ -247,6 +248,8 @@ class TrialRunner:
         except KeyboardInterrupt:
             trial.set_user_attr("state", "interrupted")
             run.end("interrupted")
+            if terminated():  # SIGTERM (preemption): the next worker trains this configuration
+                requeue(trial.study, trial)
             raise
         except Exception as exc:
             if str(seed) not in trial.user_attrs.get("seed_states", {}):
