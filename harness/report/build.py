@@ -17,6 +17,7 @@ from harness.report.figures import make_plots
 from harness.report.groups import build_groups, group_seeds, varying
 from harness.report.load import ReportError, StudyRuns, load_study
 from harness.report.markdown import Table, document, number, section
+from harness.report.regimes import regime_table
 from harness.report.sanity import trivial_text
 from harness.report.tables import (
     best_trials_table,
@@ -100,6 +101,7 @@ TABLES = (
     width_table,
     temperature_table,
     seeds_table,
+    regime_table,
     classification_table,
     best_trials_table,
     parent_importances,
