@@ -163,16 +163,16 @@ def reduce_metric_states(metric) -> None:
         all_sum(value)
 
 
-def on_main(fn, ctx: Dist) -> None:
-    """Run ``fn`` on rank 0 alone and pass on what it decided: if it raised (Optuna pruned the trial, an
-    interrupt), rank 0 re-raises and every other rank raises :class:`Stopped`, at the same point."""
+def on_main(ctx: Dist, fn, *args) -> None:
+    """``fn(*args)`` on rank 0 alone, and what it decided passed on: if it raised (Optuna pruned the trial,
+    an interrupt), rank 0 re-raises and every other rank raises :class:`Stopped`, at the same point."""
     if not ctx.active:
-        fn()
+        fn(*args)
         return
     error = None
     if ctx.main:
         try:
-            fn()
+            fn(*args)
         except BaseException as exc:  # noqa: BLE001 - passed on to the other ranks, then re-raised
             error = exc
     decision = [f"{type(error).__name__}: {error}" if error is not None else None]
@@ -223,6 +223,9 @@ class SilentRun:
     """What ranks other than 0 log to: nothing. Rank 0 alone logs the run."""
 
     id = ""
+
+    def start_run(self, *args, **kwargs) -> SilentRun:  # stands in for the tracker too
+        return self
 
     def __getattr__(self, name):
         return lambda *args, **kwargs: None

@@ -24,6 +24,7 @@ from torch import nn
 from harness.data.base import DataSplits, TensorSplit, quality_metric
 from harness.data.loader import iterate_batches
 from harness.distill.base import Distiller, KDBatch
+from harness.engine import distributed
 from harness.engine.compute import Meter, StepCost, budget_lr, epoch_batches
 from harness.engine.evaluate import evaluate
 from harness.models.taps import FeatureTap
@@ -170,6 +171,9 @@ class Step:
     meter: Meter
     max_steps: int  # train.iterations, or every step of the planned epochs
     set_lr: Callable[[], None] | None = None  # a per-step learning rate (poly, cosine over a budget)
+    student: nn.Module | None = None  # what a step calls: the model, or DDP over it (engine/distributed.py)
+    kd: nn.Module | None = None  # the distiller, or DDP over it when it has trainable modules
+    ctx: distributed.Dist = field(default_factory=distributed.Dist)
 
 
 def kd_on(cfg, distiller: Distiller, epoch: int) -> bool:
@@ -179,7 +183,10 @@ def kd_on(cfg, distiller: Distiller, epoch: int) -> bool:
 
 def train_epoch(model: nn.Module, data: DataSplits, cfg, step: Step, epoch: int, device) -> tuple[dict, int]:
     """One pass over the training split. Returns the mean of each loss term (``train/<term>``, read from the
-    device once) and the number of images seen."""
+    device once, averaged over the processes of a group) and the number of images seen (by all of them).
+
+    Each optimizer step takes one global batch: this process's share of it (all of it alone), split into
+    ``train.grad_accum`` micro-batches whose losses are weighted by their share of it."""
     alpha, beta = cfg.kd.weights(epoch)
     use_teacher = kd_on(cfg, step.distiller, epoch)
     model.train()
@@ -193,32 +200,44 @@ def train_epoch(model: nn.Module, data: DataSplits, cfg, step: Step, epoch: int,
         shuffle=True,
         generator=step.generator,
         drop_last=step.drop_last,
+        shard=step.ctx.shard,
     )
+    wrapped = [step.student, step.kd]
     for x, y, idx in batches:
-        with step.autocast():
-            logits = model(x)
-        ce = F.cross_entropy(logits.float(), y, weight=step.class_weights, ignore_index=data.ignore_index)
-        terms: dict[str, torch.Tensor] = {}
-        if use_teacher:
-            t_logits, t_feats = step.teacher(x, idx)
-            terms = step.distiller(
-                KDBatch(logits, y, t_logits, step.tap.features, t_feats, data.ignore_index)
-            )
-        loss = alpha * ce + beta * sum(terms.values()) if terms else alpha * ce
         step.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        parts = distributed.micro_batches(len(x), cfg.train.grad_accum)
+        for i, part in enumerate(parts):
+            share = 1.0 if len(parts) == 1 else (part.stop - part.start) / len(x)
+            with distributed.no_sync(wrapped, last=i == len(parts) - 1):
+                values = step_losses(x[part], y[part], idx[part], data, step, alpha, beta, use_teacher)
+                (values["loss"] if share == 1.0 else values["loss"] * share).backward()
+            for name, value in values.items():
+                value = value.detach().float()
+                sums[name] = sums.get(name, 0) + (value if share == 1.0 else value * share)
         step.optimizer.step()
-        for name, value in {"loss": loss, "ce": ce, **terms}.items():
-            sums[name] = sums.get(name, 0) + value.detach().float()
         n_batches += 1
-        images += len(x)
-        step.meter.add(len(x))
+        seen = min(cfg.train.batch_size, len(data.train)) if step.ctx.active else len(x)
+        images += seen
+        step.meter.add(seen)
         if step.set_lr:
             step.set_lr()
         if step.meter.spent or step.meter.steps >= step.max_steps:
             break
-    means = (torch.stack(list(sums.values())) / n_batches).tolist()
+    means = distributed.all_mean(torch.stack(list(sums.values())) / n_batches).tolist()
     return {f"train/{k}": v for k, v in zip(sums, means)}, images
+
+
+def step_losses(x, y, idx, data: DataSplits, step: Step, alpha: float, beta: float, use_teacher: bool):
+    """The weighted loss of one (micro-)batch and its terms: ``loss``, ``ce`` and the KD method's."""
+    with step.autocast():
+        logits = step.student(x)
+    ce = F.cross_entropy(logits.float(), y, weight=step.class_weights, ignore_index=data.ignore_index)
+    terms: dict[str, torch.Tensor] = {}
+    if use_teacher:
+        t_logits, t_feats = step.teacher(x, idx)
+        terms = step.kd(KDBatch(logits, y, t_logits, step.tap.features, t_feats, data.ignore_index))
+    loss = alpha * ce + beta * sum(terms.values()) if terms else alpha * ce
+    return {"loss": loss, "ce": ce, **terms}
 
 
 def validate(model: nn.Module, data: DataSplits, cfg, device, autocast) -> dict[str, float]:
@@ -231,6 +250,7 @@ def validate(model: nn.Module, data: DataSplits, cfg, device, autocast) -> dict[
         device=device,
         batch_size=max(cfg.train.batch_size, 64),
         autocast=autocast,
+        shard=True,
     )
 
 
@@ -264,6 +284,8 @@ def fit(
     result = FitResult(state="finished")
     best_value, best_state, stale = None, None, 0
     images_seen = 0
+    ctx = distributed.current()
+    model = distributed.sync_batch_norm(model, tc, ctx)
     tap = FeatureTap(model, distiller.student_layers)
     drop_last = len(data.train) > tc.batch_size  # a last batch of one breaks batch norm in training mode
     batches = epoch_batches(len(data.train), tc.batch_size, drop_last)
@@ -284,6 +306,9 @@ def fit(
         meter,
         max_steps,
         step_lr(optimizer, tc, meter, max_steps),
+        distributed.wrap(model, ctx, device),
+        distributed.wrap(distiller, ctx, device, kd=True),
+        ctx,
     )
     with tap:
         for epoch in range(epochs):
@@ -309,10 +334,7 @@ def fit(
                 best_state = copy.deepcopy(model.state_dict())
             else:
                 stale += 1
-            if progress:
-                progress(epoch, metrics)
-            if on_epoch:
-                on_epoch(epoch, metrics)
+            distributed.on_main(ctx, after_epoch, progress, on_epoch, epoch, metrics)
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 scheduler.step(val[select.key])
             elif scheduler is not None:
@@ -326,6 +348,15 @@ def fit(
     if best_state is not None:
         model.load_state_dict(best_state)
     return result
+
+
+def after_epoch(progress, on_epoch, epoch: int, metrics: dict[str, float]) -> None:
+    """The display and the caller's callback (logging, pruning): on rank 0 alone, whose decision to stop
+    every rank follows (distributed.on_main)."""
+    if progress:
+        progress(epoch, metrics)
+    if on_epoch:
+        on_epoch(epoch, metrics)
 
 
 def as_given(model: nn.Module, data: DataSplits, cfg, device, autocast) -> FitResult:

@@ -25,10 +25,19 @@ from harness.data import load_data
 from harness.data.base import DataSplits, TensorSplit
 from harness.data.device_augment import augment_in_memory
 from harness.distill import KD_METHODS
+from harness.engine import distributed
 from harness.engine.compute import first_batch, measure_step_cost, teacher_cache_flops
 from harness.engine.evaluate import count_flops, evaluate, ms_per_image, timing_tag, trivial_score
 from harness.engine.fit import FitResult, autocast_factory, fit, resolve_device, selection
-from harness.engine.teacher import CHECKPOINT_NAME, checkpoint_payload, freeze, load_teacher, serve_teacher
+from harness.engine.teacher import (
+    CHECKPOINT_NAME,
+    checkpoint_payload,
+    find_teacher,
+    freeze,
+    is_checkpoint,
+    load_teacher,
+    serve_teacher,
+)
 from harness.engine.visualize import prediction_grid
 from harness.errors import HarnessError
 from harness.models import build_model, count_parameters
@@ -133,8 +142,11 @@ class Prepared:
 
 
 def prepare(cfg: ExperimentConfig, tracker: Tracker) -> Prepared:
-    """Data, student, teacher (found or trained), KD method and the teacher's server, on the device."""
-    device = resolve_device(cfg.train.device)
+    """Data, student, teacher (found or trained), KD method and the teacher's server, on the device.
+    Launched by torchrun, the process joins its group first (engine/distributed.py)."""
+    ctx = distributed.setup(cfg.train.device)
+    device = distributed.place(resolve_device(cfg.train.device), ctx)
+    distributed.check(cfg.train, ctx, device)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     seed_everything(cfg.train.seed)
     data = cached_data(cfg, device)
@@ -146,7 +158,9 @@ def prepare(cfg: ExperimentConfig, tracker: Tracker) -> Prepared:
     teacher = teacher_cfg = None
     teacher_tags = {"teacher.source": "none"}
     if cfg.teacher and cfg.kd.method != "none":
-        with preserved_rng(device):  # the student's draws stay those of a process without the teacher
+        with preserved_rng(device), distributed.main_first(ctx):  # the student's draws stay unchanged
+            if ctx.active and ctx.main and not is_checkpoint(cfg.teacher):
+                untrained_teacher(cfg.teacher, tracker)
             teacher, teacher_tags, teacher_cfg = load_teacher(cfg.teacher, tracker, device, data, cfg.data)
     if device.type == "cuda" and cfg.train.channels_last and data.task == "segmentation":
         model = model.to(memory_format=torch.channels_last)
@@ -168,6 +182,15 @@ def prepare(cfg: ExperimentConfig, tracker: Tracker) -> Prepared:
     return prepared
 
 
+def untrained_teacher(spec: str, tracker: Tracker) -> None:
+    """Processes of a group do not train a teacher (rank 0 alone would wait on the others): it must exist."""
+    if find_teacher(spec, tracker) is None:
+        raise HarnessError(
+            f"teacher {spec} has no finished run in {tracker.uri}; train it first (python -m harness train "
+            f"--config {spec}, one process) or give its checkpoint, then start the torchrun group"
+        )
+
+
 def run_experiment(
     cfg: ExperimentConfig,
     tracker: Tracker,
@@ -187,7 +210,9 @@ def run_experiment(
     Optuna's TrialPruned to "pruned"); the exception is re-raised after the run is closed.
     """
     prepared = prepare(cfg, tracker)
-    run = tracker.start_run(
+    ctx = distributed.current()
+    start = tracker.start_run if ctx.main else distributed.SilentRun().start_run  # rank 0 alone logs
+    run = start(
         experiment,
         run_name or cfg.name,
         parent_id=parent_id,
@@ -200,6 +225,8 @@ def run_experiment(
             **(tags or {}),
         },
     )
+    if ctx.active and ctx.main:
+        distributed.leave("run", {"run_id": run.id})  # for the worker that launched this group
     # a teacher run is looked up by later processes: its heartbeat tells them whether it is still alive
     with Heartbeat(run) if role == "teacher" else contextlib.nullcontext():
         try:
@@ -209,6 +236,8 @@ def run_experiment(
             if state is None:
                 state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             if state in ("failed", "interrupted"):
+                if ctx.active and distributed.group_dir() is not None:
+                    raise  # the launching worker records the end, with the traceback of the rank that caused it
                 run.log_text(traceback.format_exc(), "traceback.txt")
                 run.set_tags({"failure": f"{type(exc).__name__}: {str(exc)[:400]}"})
             run.end(state)
@@ -221,7 +250,13 @@ def log_setup(run: Run, cfg: ExperimentConfig, p: Prepared) -> dict[str, float]:
     run.log_params({**cfg.flat(), "seed": cfg.train.seed})
     run.log_yaml(cfg.model_dump(mode="json"), "config.yaml")
     run.set_tags(
-        {**provenance_tags(p.device), **p.data.tags, **p.teacher_tags, "teacher.outputs": p.served or "none"}
+        {
+            **provenance_tags(p.device),
+            **distributed.tags(distributed.current()),
+            **p.data.tags,
+            **p.teacher_tags,
+            "teacher.outputs": p.served or "none",
+        }
     )
     cache_flops = teacher_cache_flops(p.served, p.teacher, p.data, p.device)
     if cache_flops is not None:  # logged now: a run pruned, failed or killed later still counts it
@@ -296,8 +331,10 @@ def finalize(
         autocast=autocast,
     )
     test_start = time.perf_counter()
-    test = evaluate(model, data.test, batch_size=64, **kwargs)
+    test = evaluate(model, data.test, batch_size=64, shard=True, **kwargs)
     test_seconds = time.perf_counter() - test_start
+    if not distributed.current().main:  # what follows is logged by rank 0 alone
+        return {f"test/{k}": v for k, v in test.items()}, test_seconds
     example = first_batch(data.val, 1, device)[0]
     final = {
         **sizes,
