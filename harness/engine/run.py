@@ -8,6 +8,7 @@ created, so bad input leaves nothing half-written in the store.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import random
 import tempfile
@@ -179,6 +180,9 @@ def prepare(cfg: ExperimentConfig, tracker: Tracker) -> Prepared:
             freeze(teacher), distiller.teacher_layers, data, cfg.train, device, prepared.autocast, key
         )
         prepared.cache_seconds = time.perf_counter() - start
+        replay = getattr(prepared.server, "split", None)  # replayed views: train on the stored views
+        if replay is not None:
+            prepared.data = dataclasses.replace(data, train=replay)
     return prepared
 
 
@@ -259,6 +263,10 @@ def log_setup(run: Run, cfg: ExperimentConfig, p: Prepared) -> dict[str, float]:
         }
     )
     cache_flops = teacher_cache_flops(p.served, p.teacher, p.data, p.device)
+    if cache_flops is None and hasattr(
+        p.server, "metrics"
+    ):  # replayed views: their one-off pass, top-k error
+        run.log_metrics(p.server.metrics)
     if cache_flops is not None:  # logged now: a run pruned, failed or killed later still counts it
         run.log_metrics({"teacher_cache_flops": cache_flops})
     prep = (

@@ -22,6 +22,8 @@ from torch import nn
 from harness.data.base import DataSplits
 from harness.data.loader import fixed_inputs, iterate_batches
 from harness.data.normalize import describe_normalization
+from harness.distill.base import warn_once
+from harness.engine.views import serve_views
 from harness.errors import HarnessError
 from harness.models import build_model
 from harness.models.taps import FeatureTap
@@ -249,11 +251,22 @@ _CACHE: dict[tuple, CachedTeacher] = {}
 def serve_teacher(
     model: nn.Module, layers: list[str], data: DataSplits, train_cfg, device, autocast, key: tuple
 ):
-    """A callable (x, idx) -> (logits, features): cached when inputs are fixed and it fits, live otherwise.
+    """A callable (x, idx) -> (logits, features): cached when inputs are fixed and it fits, replayed views
+    (engine/views.py) under random augmentation with ``train.teacher_views``, live otherwise.
 
     Returns the server and a short description for the run's tags.
     """
     live = LiveTeacher(model, layers, autocast)
+    if train_cfg.teacher_views and not fixed_inputs(data.train):
+        server, served = serve_views(live, model, data.train, train_cfg, device, key)
+        if server is None:
+            warn_once(f"{served}: the teacher runs live")
+            return live, f"live ({served})"
+        return server, served
+    if train_cfg.teacher_views:
+        warn_once(
+            "train.teacher_views: the training inputs are fixed (no random data.augment); cached instead"
+        )
     if not train_cfg.teacher_cache or not fixed_inputs(data.train):
         return live, "live"
     full_key = (*key, tuple(layers), str(device))
