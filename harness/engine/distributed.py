@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 import traceback
 from dataclasses import dataclass
@@ -249,27 +250,27 @@ def leave(name: str, payload: dict) -> None:
     tmp.replace(where / f"{name}.json")
 
 
-def leave_failure(ctx: Dist) -> None:
+def leave_failure(rank: int) -> None:
     """This rank's traceback (call inside ``except``)."""
-    leave(f"rank{ctx.rank}.failed", {"rank": ctx.rank, "traceback": traceback.format_exc()})
+    leave(f"rank{rank}.failed", {"rank": rank, "traceback": traceback.format_exc()})
 
 
-def root_failure(where: Path, world: int, launcher_log: str) -> tuple[int | None, str]:
-    """Which rank ended the group, and its traceback: a rank that started and left nothing was killed
-    (SIGKILL, out of memory) and is the cause; otherwise the earliest traceback; otherwise torchrun's log."""
-    read = {p.stem: json.loads(p.read_text()) for p in where.glob("*.json")}
-    for rank in range(world):
-        started = read.get(f"rank{rank}.started")
-        ends = ("failed", "terminated", "done")
-        if started and not any(f"rank{rank}.{e}" in read for e in ends):
-            lines = [ln for ln in launcher_log.splitlines() if "exitcode" in ln or "Signal" in ln]
-            return rank, (
-                f"rank {rank} (pid {started['pid']}) ended without a traceback: killed by a signal or out of "
-                "memory.\ntorchrun reported:\n" + ("\n".join(lines) or launcher_log[-2000:])
-            )
-    failed = sorted((v for k, v in read.items() if k.endswith(".failed")), key=lambda v: v["time"])
+def root_failure(where: Path, launcher_log: str) -> tuple[int | None, str]:
+    """Which rank ended the group, and its traceback. The rank is torchrun's first observed failure (its
+    "Root Cause"); one that left no traceback was killed (a signal, out of memory) and torchrun's report
+    says how. Without that report: the earliest traceback left."""
+    failed = {}
+    for path in where.glob("rank*.failed.json"):
+        left = json.loads(path.read_text())
+        failed[left["rank"]] = left
+    cause = re.search(r"Root Cause.*?rank\s*:\s*(\d+)", launcher_log, re.S)
+    if cause:
+        rank = int(cause.group(1))
+        if rank in failed:
+            return rank, failed[rank]["traceback"]
+        report = launcher_log[cause.start() :][:1500]
+        return rank, f"rank {rank} ended without a traceback (killed by a signal, or out of memory)\n{report}"
     if failed:
-        return failed[0]["rank"], failed[0]["traceback"]
-    return None, "the process group ended without any rank starting; torchrun's output:\n" + launcher_log[
-        -4000:
-    ]
+        first = min(failed.values(), key=lambda left: left["time"])
+        return first["rank"], first["traceback"]
+    return None, "the group ended before any rank could say why; torchrun's output:\n" + launcher_log[-4000:]

@@ -17,6 +17,7 @@ never pruned and trains only its seeds that no other trial of the same configura
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import statistics
@@ -30,6 +31,7 @@ from harness.data.base import QUALITY
 from harness.engine.run import run_experiment
 from harness.errors import HarnessError
 from harness.sweep.config import StudyConfig
+from harness.sweep.group import processes_per_trial, run_seed
 from harness.sweep.leases import Lease, requeue
 from harness.sweep.optuna_study import (
     COUNTED_STATES,
@@ -122,6 +124,7 @@ class TrialRunner:
     parent_id: str
     progress: Any = None
     duplicate_streak: int = field(default=0, init=False)  # consecutive proposals of trained configurations
+    processes: int = field(default_factory=processes_per_trial)  # > 1: each seed trains as a torchrun group
 
     def __call__(self, trial: optuna.Trial) -> float:
         if is_extra(trial):
@@ -219,10 +222,13 @@ class TrialRunner:
         prunable = prunable and not is_baseline(self.study, base)
         results, states = [], []
         seed = seeds[0]
+        train = (
+            run_experiment if self.processes <= 1 else functools.partial(run_seed, processes=self.processes)
+        )
         try:
             for seed in seeds:
                 cfg = base.model_copy(update={"train": base.train.model_copy(update={"seed": seed})})
-                outcome = run_experiment(
+                outcome = train(
                     cfg,
                     self.tracker,
                     experiment=self.study.name,
