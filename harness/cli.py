@@ -103,22 +103,27 @@ def dry_run(study) -> int:
 
 def cmd_worker(args) -> int:
     from harness.sweep.driver import ensure_teacher, finish_parent, open_parent, run_in_process
-    from harness.sweep.workers import gpu_slots, run_gpu_workers
+    from harness.sweep.group import gpus_per_trial
+    from harness.sweep.workers import gpu_groups, gpu_slots, run_gpu_workers
     from harness.tracking import Tracker
 
+    if args.gpus_per_trial < 1:
+        raise HarnessError(f"--gpus-per-trial {args.gpus_per_trial}: give 1 or more")
     study = _load_study(args)
     tracker = Tracker(args.tracking_uri)
     ensure_teacher(study, tracker)
-    slots = gpu_slots(args.per_gpu)
+    per_trial = args.gpus_per_trial
+    slots = gpu_slots(args.per_gpu) if per_trial == 1 else gpu_groups(per_trial)
     if len(slots) > 1:
         return run_gpu_workers(args, slots)
     parent = open_parent(tracker, study, args.storage, reopen=False)
     is_rdb = bool(args.storage) and "://" in args.storage
     heartbeat = args.heartbeat if args.heartbeat is not None else (30 if is_rdb else None)
     worker = args.worker_index if args.worker_index is not None else os.getpid()
-    state = run_in_process(
-        study, tracker, parent, args.storage, quiet=args.quiet, heartbeat=heartbeat, worker=worker
-    )
+    with gpus_per_trial(per_trial):
+        state = run_in_process(
+            study, tracker, parent, args.storage, quiet=args.quiet, heartbeat=heartbeat, worker=worker
+        )
     if (
         state == "spent"
     ):  # every worker that sees the budget spent updates the parent run's summary and closes it
@@ -199,6 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="worker processes per visible GPU (default 1); with several GPUs, or N > 1, this "
         "process starts one worker per slot, each with its own CUDA_VISIBLE_DEVICES",
+    )
+    worker.add_argument(
+        "--gpus-per-trial",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train each seed of a trial on N processes with torch's DistributedDataParallel (a torchrun "
+        "group; one GPU each, or N gloo processes without CUDA); with more GPUs, one worker per N of them",
     )
     worker.set_defaults(func=cmd_worker)
 

@@ -15,6 +15,7 @@ observed failure; a rank killed by a signal left none and torchrun's report stan
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -34,6 +35,20 @@ POLL = 0.05  # seconds between looks at the group directory
 
 def processes_per_trial() -> int:
     return int(os.environ.get(PROCESSES) or 1)
+
+
+@contextlib.contextmanager
+def gpus_per_trial(n: int):
+    """Trials started inside the block train each seed on ``n`` processes (1: in this process)."""
+    before = os.environ.get(PROCESSES)
+    os.environ[PROCESSES] = str(n)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(PROCESSES, None)
+        else:
+            os.environ[PROCESSES] = before
 
 
 class RankFailed(RuntimeError):

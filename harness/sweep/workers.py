@@ -98,8 +98,21 @@ def gpu_slots(per_gpu: int = 1) -> list[str]:
     return [g for g in gpus for _ in range(max(1, per_gpu))]
 
 
+def gpu_groups(per_trial: int) -> list[str]:
+    """CUDA_VISIBLE_DEVICES of each worker whose trials take ``per_trial`` GPUs (``--gpus-per-trial``): the
+    visible GPUs in groups of that many (a remainder is left idle); [] without CUDA, where a trial's
+    processes share the CPU (gloo)."""
+    gpus = gpu_slots(1)
+    if gpus and len(gpus) < per_trial:
+        raise HarnessError(
+            f"--gpus-per-trial {per_trial} but {len(gpus)} GPU(s) are visible ({','.join(gpus)}); lower it or "
+            "make more GPUs visible (CUDA_VISIBLE_DEVICES)"
+        )
+    return [",".join(gpus[i : i + per_trial]) for i in range(0, len(gpus) - per_trial + 1, per_trial)]
+
+
 def run_gpu_workers(args, slots: list[str]) -> int:
-    """One worker process per slot, each pinned to its GPU with CUDA_VISIBLE_DEVICES;
+    """One worker process per slot, each pinned to its GPU (or GPUs) with CUDA_VISIBLE_DEVICES;
     waits for all of them."""
     cmd = [sys.executable, "-m", "harness", "worker", "--study", args.study, "--per-gpu", "1", "--quiet"]
     storage, secret = child_storage(args.storage)
@@ -111,6 +124,7 @@ def run_gpu_workers(args, slots: list[str]) -> int:
         ("--timeout", args.timeout),
         ("--term-grace", getattr(args, "term_grace", None)),
         ("--heartbeat", args.heartbeat),
+        ("--gpus-per-trial", getattr(args, "gpus_per_trial", None)),
     ):
         if value is not None:
             cmd += [flag, str(value)]
