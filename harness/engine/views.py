@@ -274,9 +274,8 @@ def serve_views(live, teacher, split, train_cfg, device, key: tuple) -> tuple[Re
             forwards = store.fill(live, split, rows, max(train_cfg.batch_size, 64))
         _STORES.clear()
         _STORES[out_key] = store
-    server = ReplayTeacher(
-        store, ReplaySplit(split, rows, train_cfg.seed), count_flops(teacher, x) * forwards
-    )
+    flops = count_flops(teacher, x) * forwards if forwards else 0.0  # the one-off pass, charged once
+    server = ReplayTeacher(store, ReplaySplit(split, rows, train_cfg.seed), flops)
     where = "memory-mapped" if store.folder is not None else "device"
     top = f", top-{topk}" if store.topk else ""
     served = f"replayed views (V={views}{top}, {where}, {store.nbytes / 2**20:.1f} MB)"
