@@ -20,9 +20,8 @@ from optuna.trial import TrialState
 
 from harness.tracking.postgres import find_bindir, sqlalchemy_url, throwaway
 from harness.tracking.server import serve
-from tests.conftest import TINY_DATA, TINY_TRAIN, write_yaml
+from tests.servers import REPO, load, tiny_study, wait_all
 
-REPO = Path(__file__).resolve().parents[1]
 HEARTBEAT = 2  # seconds; a dead worker's trial is stale after 2 x HEARTBEAT
 
 
@@ -42,28 +41,6 @@ def tracking(pg, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mlflow-server")
     with serve(pg.url("mlflow"), tmp / "artifacts", log=tmp / "server.log") as url:
         yield url
-
-
-def tiny_study(folder: Path, name: str, trials: int, epochs: int, train_images: int = 48) -> Path:
-    experiment = write_yaml(
-        folder / "experiments" / f"{name}.yaml",
-        {
-            "name": f"{name}_student",
-            "data": {**TINY_DATA, "train": train_images},
-            "model": {"name": "unet", "width": 2, "depth": 3},
-            "train": {**TINY_TRAIN, "epochs": epochs},
-        },
-    )
-    return write_yaml(
-        folder / "studies" / f"{name}.yaml",
-        {
-            "experiment": str(experiment),
-            "objective": {"metric": "val/miou", "direction": "maximize"},
-            "budget": {"trials": trials},
-            "sampler": {"name": "random", "seed": 0},
-            "search": {"train.lr": {"low": 1.0e-3, "high": 1.0e-1, "log": True}},
-        },
-    )
 
 
 def start_workers(n: int, study: Path, storage: str, tracking: str, cwd: Path) -> list[subprocess.Popen]:
@@ -95,24 +72,6 @@ def start_workers(n: int, study: Path, storage: str, tracking: str, cwd: Path) -
         )
         for i in range(n)
     ]
-
-
-def wait_all(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str]]:
-    deadline = time.time() + timeout
-    out = []
-    for p in procs:
-        try:
-            text, _ = p.communicate(timeout=max(1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        out.append((p.returncode, text))
-    return out
-
-
-def load(storage: str, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=optuna.storages.RDBStorage(sqlalchemy_url(storage)))
 
 
 def trial_runs(client: MlflowClient, experiment: str) -> list:
