@@ -43,13 +43,13 @@ report: setup
 dashboard: setup
 	$(VENV)/bin/optuna-dashboard $(if $(STORAGE),$(subst postgresql://,postgresql+psycopg2://,$(STORAGE)),mlruns/optuna/journal.log) --host $(HOST) --port 8080
 
-# Scale-out (docs/scale-out.md). `make server`: MLflow tracking server on $(HOST):$(PORT) over BACKEND (a
-# PostgreSQL URL; default: a PostgreSQL of our own in mlruns/postgres on 127.0.0.1:$(PGPORT), which also holds
+# Scale-out (docs/scale-out.md). `make server`: MLflow tracking server on $(HOST):$(PORT) over $BACKEND (a
+# PostgreSQL URL, read from the environment so its password never reaches a command line; default: a PostgreSQL of our own in mlruns/postgres on 127.0.0.1:$(PGPORT), which also holds
 # the Optuna database), keeping artifacts in ARTIFACTS and serving them to workers.
 ARTIFACTS ?= mlruns/server-artifacts
 PGPORT ?= 5433
 server: setup
-	$(PY) -m harness.tracking.server $(if $(BACKEND),--backend '$(BACKEND)') --artifacts '$(ARTIFACTS)' --host $(HOST) --port $(PORT) --pg-port $(PGPORT) $(if $(ALLOWED_HOSTS),--allowed-hosts '$(ALLOWED_HOSTS)')
+	$(PY) -m harness.tracking.server --artifacts '$(ARTIFACTS)' --host $(HOST) --port $(PORT) --pg-port $(PGPORT) $(if $(ALLOWED_HOSTS),--allowed-hosts '$(ALLOWED_HOSTS)') $(if $(ADMIN_PASSWORD_FILE),--admin-password-file '$(ADMIN_PASSWORD_FILE)') $(if $(INSECURE),--insecure)
 
 # `make worker STUDY=quickstart STORAGE=postgresql://... TRACKING=http://host:5000`: joins the study; one worker
 # per visible GPU (PER_GPU=2 for two per GPU), one on a CPU-only machine.
