@@ -88,12 +88,15 @@ def _shares(order: torch.Tensor, batch_size: int, stop: int, shard: tuple[int, i
 
 
 def _shard_batching(n, batch_size, shuffle, generator, drop_last, shard) -> dict:
-    """DataLoader arguments for this rank's shares of the seeded order's batches; its workers' random
-    augmentations are seeded apart from the other ranks'."""
+    """DataLoader arguments for this rank's shares of the batches one process draws: the same draws from
+    the same generator (the loader's base seed, the permutation, and the one more permutation torch's
+    RandomSampler draws at its end). The workers' random augmentations are seeded apart per rank."""
+    seed = int(torch.empty((), dtype=torch.int64).random_(generator=generator)) if generator else 0
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if shuffle:
+        torch.randperm(n, generator=generator)
     stop = n - n % batch_size if drop_last and n >= batch_size else n
     shares = [idx.tolist() for idx in _shares(order, batch_size, stop, shard)]
-    seed = int(torch.randint(0, 2**62, (), generator=generator)) if generator is not None else 0
     return {"batch_sampler": shares, "generator": torch.Generator().manual_seed(seed + shard[0])}
 
 
