@@ -262,3 +262,14 @@ def test_a_kd_run_trains_from_replayed_views_without_running_the_teacher(tmp_pat
     x = data.train.images[:1, :, :28, :28]
     assert record["metrics.teacher_cache_flops"] == count_flops(teacher, x) * pass_images
     assert record["metrics.train/kd"] > 0
+
+
+def test_a_store_with_no_room_falls_back_to_live_with_its_size(monkeypatch, capsys):
+    monkeypatch.setattr(views_module, "place", lambda need, gb, root: None)
+    server, served = serve(Counting(), tiny_data())
+    assert isinstance(server, LiveTeacher)
+    assert served.startswith(
+        "live (teacher views: 12 images x 3 views (logits 5x16x16, body 4x16x16; fp16) ="
+    )
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "more than train.teacher_cache_gb" in line and line.endswith("the teacher runs live")

@@ -230,15 +230,15 @@ def place(need: int, cache_gb: float, root: Path) -> str | None:
     return "memmap" if need <= 0.9 * shutil.disk_usage(root).free else None
 
 
-def size_line(
-    n: int, views: int, shapes: dict, need: int, where: str | None, cache_gb: float, root: Path
-) -> str:
+def size_line(n: int, views: int, shapes: dict, need: int, where: str | None, cache_gb: float, root) -> str:
+    """The one line saying how large the store is and where it goes (or why it cannot be kept)."""
     what = ", ".join(f"{k.strip('_')} {'x'.join(map(str, s))}" for k, (s, _) in shapes.items())
+    size = f"teacher views: {n} images x {views} views ({what}; fp16) = {need / 2**20:.1f} MB"
     if where == "device":
-        return f"teacher views: {n} images x {views} views ({what}; fp16) = {need / 2**20:.1f} MB -> on the device (within train.teacher_cache_gb {cache_gb:g})"
+        return f"{size} -> on the device (within train.teacher_cache_gb {cache_gb:g})"
     if where == "memmap":
-        return f"teacher views: {n} images x {views} views ({what}; fp16) = {need / 2**20:.1f} MB > train.teacher_cache_gb {cache_gb:g} -> memory-mapped under {root}"
-    return f"teacher views: {n} images x {views} views need {need / 2**30:.1f} GB, more than train.teacher_cache_gb and the free disk under {root}: live teacher"
+        return f"{size} > train.teacher_cache_gb {cache_gb:g} -> memory-mapped under {root}"
+    return f"{size}: more than train.teacher_cache_gb {cache_gb:g} and the free disk under {root}"
 
 
 _STORES: dict[str, ViewStore] = {}  # one study's store at a time, reused by its trials in this process
@@ -265,9 +265,10 @@ def serve_views(live, teacher, split, train_cfg, device, key: tuple) -> tuple[Re
     forwards, store = 0, _STORES.get(out_key)
     if store is None:
         where = place(need, train_cfg.teacher_cache_gb, root)
-        console.print(size_line(len(split), views, shapes, need, where, train_cfg.teacher_cache_gb, root))
+        line = size_line(len(split), views, shapes, need, where, train_cfg.teacher_cache_gb, root)
         if where is None:
-            return None, f"teacher views need {need / 2**30:.1f} GB: no room on the device or disk"
+            return None, line
+        console.print(line, soft_wrap=True, highlight=False)
         folder = root / out_key if where == "memmap" else None
         store = ViewStore(shapes, len(split), views, logits.shape[1], device, folder)
         if not store.complete:
