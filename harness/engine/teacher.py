@@ -6,7 +6,8 @@ by a checkpoint file. During training the distiller receives the teacher's logit
 the training inputs are the same every epoch these are computed once, stored on the device in the dtype the
 live teacher produces (bf16 under CUDA autocast, fp32 on the CPU or with ``train.amp: false``, so cached and
 live outputs are the same numbers) and looked up by sample index, across epochs and across the trials of
-one process.
+one process. Under random augmentation ``train.teacher_views`` replays stored views instead
+(engine/views.py).
 """
 
 from __future__ import annotations
