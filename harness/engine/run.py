@@ -32,11 +32,13 @@ from harness.engine.evaluate import count_flops, evaluate, ms_per_image, timing_
 from harness.engine.fit import FitResult, autocast_factory, fit, resolve_device, selection
 from harness.engine.teacher import (
     CHECKPOINT_NAME,
+    CHECKPOINT_TAG,
     checkpoint_payload,
     find_teacher,
     freeze,
     is_checkpoint,
     load_teacher,
+    save_checkpoint,
     serve_teacher,
 )
 from harness.engine.visualize import prediction_grid
@@ -360,8 +362,9 @@ def finalize(
     run.set_tags({"timing": timing_tag(model, example, autocast=autocast)})
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / CHECKPOINT_NAME
-        torch.save(checkpoint_payload(model, cfg, data), path)
+        digest = save_checkpoint(checkpoint_payload(model, cfg, data), path)  # atomic
         run.log_file(path)
+        run.set_tags({CHECKPOINT_TAG: digest})  # after the upload: a reader verifies the whole file came
     if data.task == "segmentation":
         images, targets, _ = first_batch(data.val, 4, device)
         with torch.no_grad(), autocast():

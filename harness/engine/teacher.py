@@ -12,7 +12,10 @@ one process. Under random augmentation ``train.teacher_views`` replays stored vi
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,12 +28,13 @@ from harness.data.loader import fixed_inputs, iterate_batches
 from harness.data.normalize import describe_normalization
 from harness.distill.base import warn_once
 from harness.engine.views import serve_views
-from harness.errors import HarnessError
+from harness.errors import ConfigError, HarnessError
 from harness.models import build_model
 from harness.models.taps import FeatureTap
 from harness.tracking.provenance import HOST
 
 CHECKPOINT_NAME = "model.pt"
+CHECKPOINT_TAG = "checkpoint.sha256"  # set on a run once its whole model.pt is in the store
 TEACHER_EXPERIMENT = "teachers"  # where teachers trained on demand are logged
 # A teacher run whose heartbeat is older than this is dead, like a trial's lease (sweep/leases.py); the same
 # HARNESS_LEASE_GRACE overrides it.
@@ -141,9 +145,15 @@ def load_teacher(spec: str, tracker, device: torch.device, data: DataSplits, dat
             check_normalization(
                 spec, teacher_config(spec).model_dump(mode="json"), student_data, data.in_channels
             )
-        run_id, experiment = find_or_train_teacher(spec, tracker)
-        with tempfile.TemporaryDirectory() as tmp:
-            model, payload = load_checkpoint(tracker.download(run_id, CHECKPOINT_NAME, tmp), device)
+        for attempt in range(3):  # a run whose model.pt does not verify is failed; the teacher trains again
+            run_id, experiment = find_or_train_teacher(spec, tracker)
+            try:
+                model, payload = load_run_checkpoint(tracker, run_id, device)
+                break
+            except CorruptCheckpoint as exc:
+                if attempt == 2:
+                    raise
+                discard_teacher_run(tracker, run_id, exc)
         tags = {"teacher.source": f"run {run_id} ({spec})", "teacher.found_in": f"{experiment}/{run_id}"}
     if payload["num_classes"] != data.num_classes or payload["in_channels"] != data.in_channels:
         raise HarnessError(
@@ -176,13 +186,70 @@ def checkpoint_payload(model: nn.Module, cfg, data: DataSplits) -> dict:
     }
 
 
-def load_checkpoint(path: str | Path, device: torch.device) -> tuple[nn.Module, dict]:
+class CorruptCheckpoint(ConfigError):
+    """A checkpoint that does not read back as the model it was written from (truncated, changed, not ours)."""
+
+
+def save_checkpoint(payload: dict, path: str | Path) -> str:
+    """Write ``payload`` to ``path`` and return the file's sha256. Written under a temporary name in the same
+    folder, flushed to disk, then renamed: a process killed while writing leaves no file under ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return file_sha256(path)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_run_checkpoint(tracker, run_id: str, device: torch.device) -> tuple[nn.Module, dict]:
+    """A run's model.pt, checked against the sha256 the run recorded after uploading it (runs from before
+    digests were recorded: checked only by loading it)."""
+    expected = (tracker.run_record(run_id) or {}).get(f"tags.{CHECKPOINT_TAG}")
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_checkpoint(tracker.download(run_id, CHECKPOINT_NAME, tmp), device, expected)
+
+
+def discard_teacher_run(tracker, run_id: str, why: Exception) -> None:
+    """A teacher run whose model.pt does not verify: one line, and the run is failed so no lookup finds it."""
+    print(
+        f"warning: teacher run {run_id}: {why}; the run is marked failed, the teacher trains again",
+        file=sys.stderr,
+    )
+    run = tracker.run(run_id)
+    run.set_tags({"failure": f"{CHECKPOINT_NAME} does not verify: {why}"[:500]})
+    run.end("failed")
+
+
+def load_checkpoint(
+    path: str | Path, device: torch.device, sha256: str | None = None
+) -> tuple[nn.Module, dict]:
+    """The frozen model in a checkpoint; with ``sha256``, the file must have that digest. A truncated,
+    changed or foreign file is a one-line :class:`CorruptCheckpoint`, never a model."""
     from harness.config import build_experiment
 
     path = Path(path)
     if not path.is_file():
-        raise HarnessError(
+        raise ConfigError(
             f"teacher checkpoint {path} not found; give an existing .pt file or an experiment file"
+        )
+    found = file_sha256(path) if sha256 else None
+    if found != sha256:
+        raise CorruptCheckpoint(
+            f"{path}: sha256 {found[:12]}... is not the {sha256[:12]}... recorded when it was written "
+            "(truncated or changed since)"
         )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -190,9 +257,11 @@ def load_checkpoint(path: str | Path, device: torch.device) -> tuple[nn.Module, 
         # the checkpoint holds the trained weights: the config's model.weights file is not read again
         model = build_model(cfg.model, payload["in_channels"], payload["num_classes"], load_weights=False)
         model.load_state_dict(payload["state_dict"])
-    except (KeyError, RuntimeError) as exc:
-        raise HarnessError(
-            f"{path}: not a kd-harness checkpoint ({exc}); use a model.pt logged by a harness run"
+    except (KeyError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CorruptCheckpoint(
+            f"{path}: not a kd-harness checkpoint, or a truncated one ({why}); use a model.pt logged by a "
+            "harness run"
         ) from None
     return freeze(model.to(device)), payload
 
