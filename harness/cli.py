@@ -8,14 +8,14 @@ import sys
 
 import yaml
 
-from harness.errors import HarnessError
+from harness.errors import ConfigError, HarnessError
 
 
 def parse_overrides(items: list[str]) -> dict[str, object]:
     out = {}
     for item in items:
         if "=" not in item:
-            raise HarnessError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=2")
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=2")
         key, value = item.split("=", 1)
         out[key.strip()] = yaml.safe_load(value)
     return out

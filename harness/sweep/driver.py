@@ -17,6 +17,7 @@ from harness.sweep.rows import arm_rows, chosen_from, tuning_rows
 from harness.sweep.schema import SeedSchedule, first_seeds
 from harness.sweep.trial import TrialRunner, close_dead_runs
 from harness.tracking import Run, Tracker
+from harness.tracking.urls import redact
 
 RECORDS = ("sequential", "tuning", "confirmation")  # study user attrs the parent run gets as JSON
 TAG_LIMIT = 5000  # characters of a tag value every MLflow store takes
@@ -35,7 +36,7 @@ def open_parent(tracker: Tracker, study: StudyConfig, storage: str | None, reope
     The Optuna study is opened first: a file that changed the study's objective is refused before anything
     is written to MLflow, and a changed definition is announced."""
     open_study(study, storage)
-    tags = {"optuna.storage": _redact(storage) or "journal (default)"}
+    tags = {"optuna.storage": redact(storage) or "journal (default)"}
     run, created = tracker.parent_run(study.name, tags)
     if created:
         run.log_yaml(study.model_dump(mode="json"), "study.yaml")
@@ -69,15 +70,6 @@ def _phase_params(study: StudyConfig) -> dict:
     if study.confirm is not None:
         out["confirm.seeds"] = _seeds(study.confirm.seeds)
     return out
-
-
-def _redact(url: str | None) -> str | None:
-    """A storage URL without its password, fit for a tag."""
-    if not url or "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    login, host = rest.rsplit("@", 1)
-    return f"{scheme}://{login.split(':', 1)[0]}{':***' if ':' in login else ''}@{host}"
 
 
 def run_in_process(
