@@ -25,6 +25,7 @@ group writes into ``HARNESS_GROUP_DIR`` what the worker needs to record its end 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -95,7 +96,13 @@ def setup(device_name: str) -> Dist:
         torch.cuda.set_device(local)
     backend = os.environ.get(BACKEND) or ("nccl" if cuda else "gloo")
     dist.init_process_group(backend, timeout=TIMEOUT)
+    atexit.register(teardown)  # a process group left to the interpreter's exit aborts the process
     return current()
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def place(device: torch.device, ctx: Dist) -> torch.device:
@@ -193,9 +200,19 @@ def wrap(module: nn.Module, ctx: Dist, device: torch.device, *, kd: bool = False
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(
-        module, device_ids=ids, find_unused_parameters=kd, broadcast_buffers=not kd
-    )
+    local = {}  # a KD method's buffers stay each rank's own (torch 2.14 renamed the switch)
+    if kd:
+        name = "forward_sync_buffers" if "forward_sync_buffers" in _ddp_options() else "broadcast_buffers"
+        local = {name: False}
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=kd, **local)
+
+
+def _ddp_options() -> set[str]:
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    return set(inspect.signature(DistributedDataParallel.__init__).parameters)
 
 
 def sync_batch_norm(model: nn.Module, train_cfg, ctx: Dist) -> nn.Module:
@@ -256,20 +273,22 @@ def leave_failure(rank: int) -> None:
 
 
 def root_failure(where: Path, launcher_log: str) -> tuple[int | None, str]:
-    """Which rank ended the group, and its traceback. The rank is torchrun's first observed failure (its
-    "Root Cause"); one that left no traceback was killed (a signal, out of memory) and torchrun's report
-    says how. Without that report: the earliest traceback left."""
+    """Which rank ended the group, and its traceback. A rank killed by a signal other than torchrun's own
+    SIGTERM (SIGKILL, out of memory, a crash) leaves no traceback: it is the cause, and torchrun's report
+    says how it died. Otherwise the earliest traceback a rank left; otherwise torchrun's output."""
     failed = {}
     for path in where.glob("rank*.failed.json"):
         left = json.loads(path.read_text())
         failed[left["rank"]] = left
-    cause = re.search(r"Root Cause.*?rank\s*:\s*(\d+)", launcher_log, re.S)
-    if cause:
-        rank = int(cause.group(1))
-        if rank in failed:
-            return rank, failed[rank]["traceback"]
-        report = launcher_log[cause.start() :][:1500]
-        return rank, f"rank {rank} ended without a traceback (killed by a signal, or out of memory)\n{report}"
+    exits = re.findall(r"rank\s*:\s*(\d+)\s*\(local_rank.*?\n\s*exitcode\s*:\s*(-?\d+)", launcher_log)
+    killed = sorted(
+        int(r) for r, code in exits if int(code) < 0 and int(code) != -15 and int(r) not in failed
+    )
+    if killed:
+        report = "torchrun reported:\n" + launcher_log[-3000:]
+        return killed[0], (
+            f"rank {killed[0]} ended without a traceback (killed by a signal, or out of memory)\n{report}"
+        )
     if failed:
         first = min(failed.values(), key=lambda left: left["time"])
         return first["rank"], first["traceback"]
