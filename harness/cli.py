@@ -31,10 +31,13 @@ def cmd_train(args) -> int:
     cfg = load_experiment(args.config, parse_overrides(args.set))
     tracker = Tracker(args.tracking_uri)
     role = "teacher" if cfg.kd.method == "none" else "student"
-    with epoch_progress(cfg.train.epochs, cfg.name, enabled=not args.quiet) as progress:
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone shows and logs the run
+    with epoch_progress(cfg.train.epochs, cfg.name, enabled=not args.quiet and main_rank) as progress:
         outcome = run_experiment(
             cfg, tracker, experiment=args.experiment or cfg.name, progress=progress, role=role
         )
+    if not main_rank:
+        return 0 if outcome.state == "finished" else 1
     m = outcome.metrics
     if outcome.state != "finished":
         console.print(
