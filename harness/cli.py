@@ -24,14 +24,17 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
 def cmd_train(args) -> int:
     from harness.config import load_experiment
     from harness.data.base import quality_metric, task_of
+    from harness.engine import distributed
     from harness.engine.progress import console, epoch_progress
     from harness.engine.run import run_experiment
     from harness.tracking import Tracker
 
     cfg = load_experiment(args.config, parse_overrides(args.set))
-    tracker = Tracker(args.tracking_uri)
+    ctx = distributed.setup(cfg.train.device)  # launched by torchrun: join the group
+    with distributed.main_first(ctx):  # rank 0 creates a fresh store before the others open it
+        tracker = Tracker(args.tracking_uri)
     role = "teacher" if cfg.kd.method == "none" else "student"
-    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone shows and logs the run
+    main_rank = ctx.main  # under torchrun, rank 0 alone shows and logs the run
     with epoch_progress(cfg.train.epochs, cfg.name, enabled=not args.quiet and main_rank) as progress:
         outcome = run_experiment(
             cfg, tracker, experiment=args.experiment or cfg.name, progress=progress, role=role

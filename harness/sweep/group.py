@@ -210,9 +210,12 @@ def main(where: str) -> int:
     spec = json.loads((place / "spec.json").read_text())
     rank = int(os.environ.get("RANK", "0"))
     try:
+        cfg = build_experiment(spec["config"], spec["name"])
+        with distributed.main_first(distributed.setup(cfg.train.device)):
+            tracker = Tracker(spec["tracking_uri"])
         outcome = run_experiment(
-            build_experiment(spec["config"], spec["name"]),
-            Tracker(spec["tracking_uri"]),
+            cfg,
+            tracker,
             experiment=spec["experiment"],
             run_name=spec["run_name"],
             parent_id=spec["parent_id"],
