@@ -109,3 +109,95 @@ def wait_for(predicate, timeout: float, every: float = 0.3, what: str = "conditi
 
 def load(storage: str, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=optuna.storages.RDBStorage(sqlalchemy_url(storage)))
+
+
+class TrackingServer:
+    """An ``mlflow server`` on one loopback port that a test stops and starts again (same backend, same
+    port, same artifacts), or freezes (SIGSTOP) and thaws, as a server that restarts or hangs."""
+
+    def __init__(self, backend: str, folder: Path):
+        from harness.tracking.postgres import free_port
+
+        self.backend, self.folder = backend, folder
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        from harness.tracking.server import server_command, server_env, wait_healthy
+
+        cmd = server_command(self.folder / "artifacts", port=self.port, workers=1)
+        log = open(self.folder / "server.log", "ab")
+        env = {**os.environ, **server_env(self.backend)}
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
+        log.close()
+        wait_healthy(self.url, self.proc, timeout=180)
+
+    def signal(self, sig: int) -> None:
+        os.killpg(self.proc.pid, sig)
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.signal(signal.SIGCONT)  # a frozen server cannot stop
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+
+KILL_WHILE_WRITING = (
+    "import sys; from tests.servers import kill_while_writing; kill_while_writing(sys.argv.pop(1), "
+    "sys.argv.pop(1)); from harness.cli import main; raise SystemExit(main(sys.argv[1:]))"
+)
+
+
+def killed_while_writing(what: str, name: str, *args: str) -> list[str]:
+    """A harness command that kills itself while writing a file called ``name``: in ``torch.save`` (what
+    = 'save') or in the copy of an artifact into the store (what = 'upload'); see ``kill_while_writing``."""
+    return [sys.executable, "-c", KILL_WHILE_WRITING, what, name, *args]
+
+
+def kill_while_writing(what: str, name: str) -> None:
+    """In this process, the first write of a file whose name contains ``name`` writes half its bytes,
+    flushes them to disk and kills the process with SIGKILL (a machine losing power, the OOM killer).
+    'save' cuts ``torch.save`` short; 'upload' the copy of an artifact into the store (``shutil.copyfileobj``,
+    which MLflow's local artifact repository uses)."""
+    import io
+    import shutil
+    import signal
+
+    def die(out, data: bytes) -> None:
+        out.write(data[: len(data) // 2])
+        out.flush()
+        os.fsync(out.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if what == "save":
+        import torch
+
+        real_save = torch.save
+
+        def save(obj, f, *args, **kwargs):
+            if name not in str(getattr(f, "name", f)):
+                return real_save(obj, f, *args, **kwargs)
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *args, **kwargs)
+            die(f if hasattr(f, "write") else open(f, "wb"), buffer.getvalue())
+
+        torch.save = save
+    elif what == "upload":
+        real_copy = shutil.copyfileobj
+
+        def copyfileobj(src, dst, *args, **kwargs):
+            if name not in str(getattr(src, "name", "")):
+                return real_copy(src, dst, *args, **kwargs)
+            die(dst, src.read())
+
+        shutil.copyfileobj = copyfileobj
+    else:
+        raise ValueError(what)

@@ -21,6 +21,8 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
+from harness.tracking.retry import ServerUnavailable
+
 # what a trial that trains a chosen configuration on more seeds (a round, a confirmation) is re-queued with
 CARRIED = ("round", "phase", "arm", "tuned_by", "seeds", "config_hash")
 LEASE_INTERVAL = 5.0  # seconds between heartbeats
@@ -49,6 +51,8 @@ class Lease:
                 self._write()
             except (UpdateFinishedTrialError, RuntimeError):  # the trial ended (or was recovered) meanwhile
                 return
+            except ServerUnavailable:  # the storage stayed away past its limit: beat again next time
+                continue
 
     def __enter__(self) -> Lease:
         self._write()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import sys
 import time
 import warnings
@@ -52,10 +51,11 @@ class SurplusTrial(Exception):
 def open_storage(url: str | None, heartbeat: int | None = None, retries: int = 2):
     """A journal file by default (safe for many processes on one host); an RDB URL for many machines.
 
-    RDB storages get heartbeats: a trial whose worker died is failed and re-queued (``retries`` times)."""
+    RDB storages get heartbeats: a trial whose worker died is failed and re-queued (``retries`` times);
+    their calls wait for a database that restarts (``rdb.py``, ``HARNESS_STORAGE_RETRY_S``)."""
     if url is None or url.startswith("journal:") or url.endswith(".log"):
         return open_journal(Path(url.removeprefix("journal:") if url else DEFAULT_JOURNAL))
-    from harness.tracking.postgres import sqlalchemy_url
+    from harness.sweep.rdb import open_rdb
 
     kwargs: dict[str, Any] = {}
     if heartbeat:
@@ -66,13 +66,7 @@ def open_storage(url: str | None, heartbeat: int | None = None, retries: int = 2
                 max_retry=retries
             ),
         )
-    for attempt in range(5):
-        try:
-            return optuna.storages.RDBStorage(sqlalchemy_url(url), **kwargs)
-        except Exception as exc:  # workers started together race to create the schema of a fresh database
-            if attempt == 4 or "IntegrityError" not in type(exc).__name__ + repr(exc.__cause__):
-                raise
-            time.sleep(0.5 + random.random())
+    return open_rdb(url, **kwargs)
 
 
 def open_journal(path: Path):

@@ -47,6 +47,7 @@ from harness.sweep.optuna_study import (
 from harness.sweep.rounds import ended_seeds, in_flight
 from harness.sweep.workers import terminated
 from harness.tracking import Tracker
+from harness.tracking.outage import TrackingUnavailable
 
 RUN_TAGS = ("phase", "arm", "round")  # trial user attrs also set as tags of its MLflow runs
 # final metrics kept in the trial's user attrs (besides the objective and constraints)
@@ -148,8 +149,7 @@ class TrialRunner:
             trial.set_user_attr("duplicate_of", earlier)
             self._skip(trial, "duplicate")
         self.duplicate_streak = 0
-        with Lease(trial):
-            return self._train(trial, params, base, list(seeds))
+        return self._train_or_requeue(trial, params, base, list(seeds))
 
     def _claim(self, trial: optuna.Trial) -> None:
         """Record this worker, close a dead original's runs, and skip a trial queued (a dead worker's retry,
@@ -191,8 +191,21 @@ class TrialRunner:
         if not seeds:
             self._skip(trial, "duplicate")
         trial.set_user_attr("seeds", seeds)
-        with Lease(trial):
-            return self._train(trial, params, self.study.trial_config(params), seeds, prunable=False)
+        return self._train_or_requeue(trial, params, self.study.trial_config(params), seeds, prunable=False)
+
+    def _train_or_requeue(self, trial: optuna.Trial, *args, **kwargs) -> float:
+        """``_train`` under a lease. A tracking server away past its limit (tracking/outage.py) fails this
+        trial once, uncounted ('abandoned'), and queues its parameters again; the worker stops with one line."""
+        try:
+            with Lease(trial):
+                return self._train(trial, *args, **kwargs)
+        except TrackingUnavailable as exc:
+            trial.set_user_attr("state", "abandoned")
+            trial.set_user_attr("failure", str(exc)[:500])
+            requeue(trial.study, trial)
+            raise TrackingUnavailable(
+                f"{exc}; trial {trial.number} failed and its parameters are queued again"
+            ) from None
 
     def _skip(self, trial: optuna.Trial, state: str):
         trial.set_user_attr("state", state)
@@ -257,6 +270,8 @@ class TrialRunner:
             if terminated():  # SIGTERM (preemption): the next worker trains this configuration
                 requeue(trial.study, trial)
             raise
+        except TrackingUnavailable:
+            raise
         except Exception as exc:
             if str(seed) not in trial.user_attrs.get("seed_states", {}):
                 self._record_seed(trial, seed, "failed", {})
@@ -303,12 +318,16 @@ class TrialRunner:
         return summary[self.study.objective.metric]
 
     def _abandon_stale_runs(self, trial: optuna.Trial) -> None:
-        """A retry of a trial that Optuna's heartbeat (RDB storage) found stale: close the dead trial's MLflow
-        runs, which would otherwise read RUNNING forever, as 'abandoned'."""
+        """A retry of a trial that Optuna's heartbeat (RDB storage) found stale, or that was queued again
+        because the tracking server stayed away: close the earlier trial's MLflow runs, which would otherwise
+        read RUNNING forever, as 'abandoned'."""
         stale = trial.storage.get_trial_system_attrs(trial._trial_id).get("retry_history") or []
         close = close_dead_runs(self.tracker, self.study.name)
         for number in stale:
             close(number, f"worker died (heartbeat stale); retried as trial {trial.number}")
+        earlier = trial.user_attrs.get("retry_of")
+        if earlier is not None and earlier not in stale:
+            close(earlier, f"left open (the tracking server was away); retried as trial {trial.number}")
 
     def _report(self, trial: optuna.Trial, value: float | None, step: int, unit: str, prunable: bool) -> None:
         """Report an intermediate value (the pruner compares others with it); prune only if ``prunable``."""

@@ -57,8 +57,11 @@ class Tracker:
         self.uri = tracking_uri(uri)
         if self.uri.startswith("sqlite:///"):
             Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        from harness.tracking.outage import retrying_client
+
         use_login(self.uri)
-        self._client = MlflowClient(tracking_uri=self.uri)
+        # a tracking server that restarts is waited for (HARNESS_TRACKING_RETRY_S), see outage.py
+        self._client = retrying_client(MlflowClient(tracking_uri=self.uri), self.uri)
         check_login(self._client, self.uri)
 
     def artifact_root(self) -> str | None:
