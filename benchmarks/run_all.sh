@@ -7,3 +7,4 @@ $PY benchmarks/trial_vs_plain.py
 $PY benchmarks/mfu.py
 $PY benchmarks/latency.py
 $PY benchmarks/pruning.py
+$PY benchmarks/replayed_views.py
