@@ -329,3 +329,31 @@ def test_worker_answers_rank_zeros_epochs_and_its_prune_stops_the_seed(tmp_path)
     thread.join()
     assert asked == [(0, 0.0), (1, 0.1)]
     assert isinstance(stopped, optuna.TrialPruned) and raised == ["TrialPruned: pruned after epoch 1"]
+
+
+LAUNCHER_LOG = """Failures:
+[1]:
+  time      : 2026-12-01_13:08:34
+  rank      : {other} (local_rank: {other})
+  exitcode  : -15 (pid: 12119)  (SIGTERM)
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-01_13:08:34
+  rank      : {cause} (local_rank: {cause})
+  exitcode  : {code} (pid: 12120)
+"""
+
+
+def test_the_rank_that_caused_a_group_failure_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv(distributed.GROUP_DIR, str(tmp_path))
+    try:
+        raise ValueError("bad shard on rank 1")
+    except ValueError:
+        distributed.leave_failure(1)
+    log = LAUNCHER_LOG.format(other=0, cause=1, code=1)
+    rank, text = distributed.root_failure(tmp_path, log)
+    assert rank == 1 and "ValueError: bad shard on rank 1" in text and "Traceback" in text
+    # a rank killed by a signal leaves nothing: it is the cause even if another rank left a traceback
+    killed = LAUNCHER_LOG.format(other=1, cause=0, code=-9)
+    rank, text = distributed.root_failure(tmp_path, killed)
+    assert rank == 0 and text.startswith("rank 0 ended without a traceback") and "-9" in text
