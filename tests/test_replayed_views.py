@@ -273,3 +273,32 @@ def test_a_store_with_no_room_falls_back_to_live_with_its_size(monkeypatch, caps
     )
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "more than train.teacher_cache_gb" in line and line.endswith("the teacher runs live")
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"method": "response", "temperature": 4.0},
+        {"method": "response", "standardize": True},
+        {"method": "dist"},
+        {"method": "dist", "standardize": True},
+        {"method": "cwd"},
+    ],
+)
+def test_logit_methods_get_the_live_teachers_loss_from_replayed_views(method):
+    from harness.distill import KD_METHODS
+    from harness.distill.base import KDBatch
+
+    cfg = KD_METHODS.config_class(method["method"])(**{k: v for k, v in method.items() if k != "method"})
+    kd = KD_METHODS.build(cfg)
+    kd.choose_layers([], [])
+    data, teacher = tiny_data(), Counting()
+    server, _ = serve(teacher, data, layers=())
+    live = LiveTeacher(teacher, [], NO_AUTOCAST)
+    student = torch.randn(12, 5, 16, 16, generator=torch.Generator().manual_seed(3))
+    split = server.split
+    idx = torch.arange(12)
+    x, y = split.views(idx, split.pass_rows(True)[idx])
+    replayed, want = server(x, idx)[0], live(x, idx)[0]
+    for name, value in kd(KDBatch(student, y, replayed)).items():
+        assert float(value) == pytest.approx(float(kd(KDBatch(student, y, want))[name]), rel=2e-3, abs=1e-5)

@@ -54,7 +54,7 @@ def view_rows(split, views: int, seed: int, data_key: str, root: Path) -> tuple[
     generator = torch.Generator().manual_seed(seed)
     rows = torch.stack([split.draw(views, generator) for _ in range(len(split))])
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # workers drawing the same views at once
     torch.save(rows, tmp)
     tmp.replace(path)  # atomic: a reader never sees half a file
     return rows, key
