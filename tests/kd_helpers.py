@@ -1,4 +1,5 @@
-"""Shared helpers for the logit-method tests: a method built without feature layers, seeded tensors, a batch."""
+"""Shared helpers for the KD method tests: methods built without a model (logit methods, or one tapped
+feature layer each side), seeded tensors, batches."""
 
 from __future__ import annotations
 
@@ -20,3 +21,17 @@ def rand(*shape, seed=0, grad=False):
 
 def batch(s, t):
     return KDBatch(student_logits=s, targets=torch.zeros(len(s), dtype=torch.long), teacher_logits=t)
+
+
+def build_feature_method(method: str, s_shape=None, t_shape=None, **kw):
+    """``method`` tapping one student layer "s" and one teacher layer "t" (set up when shapes are given)."""
+    d = KD_METHODS.build(KD_METHODS.config_class(method)(student_layers=["s"], teacher_layers=["t"], **kw))
+    d.choose_layers([], [])
+    if s_shape is not None:
+        d.setup({"s": torch.Size(s_shape)}, {"t": torch.Size(t_shape)})
+    return d
+
+
+def feature_batch(s, t):
+    """A batch carrying only the tapped features "s" (student) and "t" (teacher)."""
+    return KDBatch(torch.zeros(len(s), 3), torch.arange(len(s)), None, {"s": s}, {"t": t})

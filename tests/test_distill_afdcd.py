@@ -16,24 +16,10 @@ from harness.engine.compute import measure_step_cost
 from harness.engine.run import build_distiller
 from harness.engine.teacher import freeze, serve_teacher
 from harness.models import build_model
+from tests.kd_helpers import build_feature_method, feature_batch, rand
 from tests.test_compute_budget import TEACHER, cfg_model, config
 
 CPU = torch.device("cpu")
-
-
-def build(s_shape, t_shape, **kw):
-    d = KD_METHODS.build(KD_METHODS.config_class("afdcd")(student_layers=["s"], teacher_layers=["t"], **kw))
-    d.choose_layers([], [])
-    d.setup({"s": torch.Size(s_shape)}, {"t": torch.Size(t_shape)})
-    return d
-
-
-def kd_batch(s, t):
-    return KDBatch(torch.zeros(len(s), 3), torch.arange(len(s)), None, {"s": s}, {"t": t})
-
-
-def rand(*shape, seed=0, grad=False):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).requires_grad_(grad)
 
 
 def reference_tokens(x, patch, groups):
@@ -80,9 +66,9 @@ def test_tokens_match_the_reference_layout():
 
 def test_formula_written_out():
     s, t = rand(2, 3, 2, 2, seed=2), rand(2, 4, 4, 4, seed=3)
-    d = build(s.shape, t.shape, channel_groups=2, patch_size=2, tau=0.5)
+    d = build_feature_method("afdcd", s.shape, t.shape, channel_groups=2, patch_size=2, tau=0.5)
     torch.manual_seed(7)
-    out = d(kd_batch(s, t))
+    out = d(feature_batch(s, t))
     torch.manual_seed(7)
     zeroed = torch.rand(2, 1, 4, 4) > 1 - 0.75  # the reference's draw: one per image and position
     align, (g1, _, g2) = d.aligners[0], d.generators[0]
@@ -127,18 +113,18 @@ def test_near_zero_when_the_projection_is_the_teacher():
     # positive, so the contrastive CE is ~0; with no mask and identity A and G the MSE is exactly 0
     t = rand(2, 4, 4, 4, seed=8).abs()
     t[:, 2:] += 20
-    d = build(t.shape, t.shape, channel_groups=2, patch_size=2, mask_ratio=0.0)
+    d = build_feature_method("afdcd", t.shape, t.shape, channel_groups=2, patch_size=2, mask_ratio=0.0)
     identity_generator(d.generators[0], 4)
-    out = d(kd_batch(t.clone(), t))
+    out = d(feature_batch(t.clone(), t))
     assert out["fd"].item() == 0.0
     assert out["ctr"].item() < 1e-6
-    assert d(kd_batch(t + rand(2, 4, 4, 4, seed=9), t))["fd"] > 0.1
+    assert d(feature_batch(t + rand(2, 4, 4, 4, seed=9), t))["fd"] > 0.1
 
 
 def test_gradients_reach_student_and_projector_not_teacher():
     s, t = rand(2, 3, 4, 4, seed=10, grad=True), rand(2, 4, 4, 4, seed=11, grad=True)
-    d = build(s.shape, t.shape, channel_groups=2, mask_ratio=0.5)
-    sum(d(kd_batch(s, t)).values()).backward()
+    d = build_feature_method("afdcd", s.shape, t.shape, channel_groups=2, mask_ratio=0.5)
+    sum(d(feature_batch(s, t)).values()).backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
     assert t.grad is None
     assert all(p.grad is not None for p in d.parameters())
@@ -148,11 +134,11 @@ def test_defaults_kd_params_and_enhanced_projector():
     cfg = KD_METHODS.config_class("afdcd")()
     assert (cfg.tau, cfg.fd_weight, cfg.ctr_weight, cfg.mask_ratio) == (0.07, 1.0, 0.005, 0.75)
     assert (cfg.channel_groups, cfg.pool_size, cfg.patch_size, cfg.projector) == (16, 4, 4, "basic")
-    d = build((2, 3, 4, 4), (2, 16, 4, 4))
+    d = build_feature_method("afdcd", (2, 3, 4, 4), (2, 16, 4, 4))
     generator = 2 * (16 * 16 * 9 + 16)
     assert d.extra_parameters() == 3 * 16 + 16 + generator
     assert d.student_layers == ["s"]
-    enhanced = build((2, 16, 4, 4), (2, 16, 4, 4), projector="enhanced")
+    enhanced = build_feature_method("afdcd", (2, 16, 4, 4), (2, 16, 4, 4), projector="enhanced")
     assert isinstance(enhanced.generators[0], EnhancedProjector)
     assert isinstance(enhanced.aligners[0], nn.Identity)  # channels already match
     assert enhanced.extra_parameters() == 2 * generator
@@ -162,12 +148,12 @@ def test_defaults_kd_params_and_enhanced_projector():
 
 def test_errors_are_one_line():
     with pytest.raises(ValueError, match="not a multiple of kd.channel_groups 16") as exc:
-        build((2, 3, 4, 4), (2, 24, 4, 4))
+        build_feature_method("afdcd", (2, 3, 4, 4), (2, 24, 4, 4))
     assert "\n" not in str(exc.value)
-    d = build((2, 3, 4, 4), (2, 16, 4, 4))
+    d = build_feature_method("afdcd", (2, 3, 4, 4), (2, 16, 4, 4))
     for batch, message in [
         (KDBatch(torch.zeros(2, 3), torch.arange(2), None, {}, {"t": rand(2, 16, 4, 4)}), "no student"),
-        (kd_batch(rand(2, 3), rand(2, 16)), "feature maps"),
+        (feature_batch(rand(2, 3), rand(2, 16)), "feature maps"),
     ]:
         with pytest.raises(ValueError, match=message) as exc:
             d(batch)

@@ -9,29 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.distill import KD_METHODS, KDBatch
-
-
-def build(s_shape=None, t_shape=None, **kw):
-    d = KD_METHODS.build(KD_METHODS.config_class("mgd")(student_layers=["s"], teacher_layers=["t"], **kw))
-    d.choose_layers([], [])
-    if s_shape is not None:
-        d.setup({"s": torch.Size(s_shape)}, {"t": torch.Size(t_shape)})
-    return d
-
-
-def kd_batch(s, t):
-    return KDBatch(torch.zeros(len(s), 3), torch.arange(len(s)), None, {"s": s}, {"t": t})
-
-
-def rand(*shape, seed=0, grad=False):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).requires_grad_(grad)
+from tests.kd_helpers import build_feature_method, feature_batch, rand
 
 
 def test_formula_with_aligner_resize_and_mask():
     s, t = rand(2, 3, 4, 4, seed=1), rand(2, 6, 8, 8, seed=2)
-    d = build(s.shape, t.shape)
+    d = build_feature_method("mgd", s.shape, t.shape)
     torch.manual_seed(5)
-    out = d(kd_batch(s, t))["mgd"]
+    out = d(feature_batch(s, t))["mgd"]
     torch.manual_seed(5)
     zeroed = torch.rand(2, 1, 8, 8) > 1 - 0.75  # the paper's draw: one per image and position
     align, (g1, _, g2) = d.aligners[0], d.generators[0]
@@ -47,11 +32,11 @@ def test_formula_with_aligner_resize_and_mask():
 def test_defaults_and_extra_parameters():
     cfg = KD_METHODS.config_class("mgd")()
     assert (cfg.beta, cfg.mask_ratio, cfg.num_layers) == (1.0, 0.75, 1)
-    same = build((2, 4, 8, 8), (2, 4, 8, 8))
+    same = build_feature_method("mgd", (2, 4, 8, 8), (2, 4, 8, 8))
     assert isinstance(same.aligners[0], nn.Identity)  # the paper aligns only when channels differ
     generator = 2 * (4 * 4 * 9 + 4)
     assert same.extra_parameters() == generator
-    assert build((2, 3, 8, 8), (2, 4, 8, 8)).extra_parameters() == generator + 3 * 4 + 4
+    assert build_feature_method("mgd", (2, 3, 8, 8), (2, 4, 8, 8)).extra_parameters() == generator + 3 * 4 + 4
     with pytest.raises(ValueError):
         KD_METHODS.config_class("mgd")(mask_ratio=1.0)
 
@@ -60,14 +45,14 @@ def generator_inputs(d, s, t, calls=1):
     seen = []
     hook = d.generators[0][0].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
     for _ in range(calls):
-        d(kd_batch(s, t))
+        d(feature_batch(s, t))
     hook.remove()
     return seen
 
 
 def test_mask_rate_fresh_per_image_and_call_shared_by_channels():
     s = torch.ones(8, 3, 32, 32)  # equal channels: identity aligner, so the generator sees the mask itself
-    d = build(s.shape, s.shape)
+    d = build_feature_method("mgd", s.shape, s.shape)
     first, second = generator_inputs(d, s, s, calls=2)
     assert set(first.unique().tolist()) == {0.0, 1.0}
     assert (first == first[:, :1]).all()  # one mask per position, shared by the channels
@@ -76,7 +61,7 @@ def test_mask_rate_fresh_per_image_and_call_shared_by_channels():
     assert all(abs(r - 0.75) < 0.08 for r in zeroed.mean(dim=(1, 2)).tolist())
     assert not torch.equal(first[0], first[1]), "the same mask for two images"
     assert not torch.equal(first, second), "the same mask at two steps"
-    (none,) = generator_inputs(build(s.shape, s.shape, mask_ratio=0.0), s, s)
+    (none,) = generator_inputs(build_feature_method("mgd", s.shape, s.shape, mask_ratio=0.0), s, s)
     assert (none == 1).all()
 
 
@@ -88,11 +73,11 @@ def test_training_the_generator_alone_lowers_the_loss(ratio):
     x = F.avg_pool2d(
         rand(4, 3, 12, 12, seed=1), 3, stride=1, padding=1
     )  # smooth, so masked spots are guessable
-    d = build(x.shape, x.shape, mask_ratio=ratio)
+    d = build_feature_method("mgd", x.shape, x.shape, mask_ratio=ratio)
     opt = torch.optim.Adam(d.parameters(), lr=1e-2)
     losses = []
     for _ in range(300):
-        loss = d(kd_batch(x, x))["mgd"]
+        loss = d(feature_batch(x, x))["mgd"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -103,8 +88,8 @@ def test_training_the_generator_alone_lowers_the_loss(ratio):
 
 def test_gradients_reach_student_aligner_and_generator_not_teacher():
     s, t = rand(4, 3, 8, 8, seed=1, grad=True), rand(4, 6, 8, 8, seed=2, grad=True)
-    d = build(s.shape, t.shape)
-    d(kd_batch(s, t))["mgd"].backward()
+    d = build_feature_method("mgd", s.shape, t.shape)
+    d(feature_batch(s, t))["mgd"].backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
     assert t.grad is None
     for name, p in d.named_parameters():
@@ -113,20 +98,20 @@ def test_gradients_reach_student_aligner_and_generator_not_teacher():
 
 def test_errors_name_the_fix():
     with pytest.raises(ValueError, match=r"mgd: needs feature maps \(N, C, H, W\)"):
-        build((2, 3), (2, 5))
+        build_feature_method("mgd", (2, 3), (2, 5))
     with pytest.raises(ValueError, match="mgd: no probed shape for teacher layer 't'"):
-        build().setup({"s": torch.Size((2, 3, 4, 4))}, {})
+        build_feature_method("mgd").setup({"s": torch.Size((2, 3, 4, 4))}, {})
     with pytest.raises(ValueError, match="mgd: adapters not built.*call setup"):
-        build()(kd_batch(rand(2, 3, 4, 4), rand(2, 3, 4, 4)))
-    d = build((2, 3, 4, 4), (2, 5, 4, 4))
+        build_feature_method("mgd")(feature_batch(rand(2, 3, 4, 4), rand(2, 3, 4, 4)))
+    d = build_feature_method("mgd", (2, 3, 4, 4), (2, 5, 4, 4))
     with pytest.raises(ValueError, match="mgd: the batch has no teacher feature 't'"):
         d(KDBatch(torch.zeros(2, 3), torch.arange(2), None, {"s": rand(2, 3, 4, 4)}, {}))
     with pytest.raises(ValueError, match="mgd: student feature .* do not pair up"):
-        d(kd_batch(rand(2, 3, 4, 4), rand(3, 5, 4, 4)))
+        d(feature_batch(rand(2, 3, 4, 4), rand(3, 5, 4, 4)))
     with pytest.raises(
         ValueError, match=r"mgd: aligned student feature \(2, 5, 4, 4\) does not match.*setup"
     ):
-        d(kd_batch(rand(2, 3, 4, 4), rand(2, 6, 4, 4)))
+        d(feature_batch(rand(2, 3, 4, 4), rand(2, 6, 4, 4)))
 
 
 def test_default_taps_are_the_backbones_last_stage_not_the_decoders():
