@@ -55,7 +55,7 @@ server: setup
 # per visible GPU (PER_GPU=2 for two per GPU), one on a CPU-only machine.
 worker: setup
 	@test -n "$(STORAGE)" && test -n "$(TRACKING)" || { echo "usage: make worker STUDY=quickstart STORAGE=postgresql://user@dbhost:5433/optuna TRACKING=http://host:5000 (docs/scale-out.md)"; exit 2; }
-	$(PY) -m harness worker --study studies/$(STUDY).yaml --storage '$(STORAGE)' --tracking-uri '$(TRACKING)' $(if $(PER_GPU),--per-gpu $(PER_GPU)) $(if $(TRIALS),--trials $(TRIALS))
+	$(PY) -m harness worker --study studies/$(STUDY).yaml --storage '$(STORAGE)' --tracking-uri '$(TRACKING)' $(if $(PER_GPU),--per-gpu $(PER_GPU)) $(if $(TRIALS),--trials $(TRIALS)) $(if $(GPUS_PER_TRIAL),--gpus-per-trial $(GPUS_PER_TRIAL))
 
 export: setup
 	$(PY) -m harness export --study $(STUDY)
