@@ -325,10 +325,10 @@ def test_gpu_slots_and_one_worker_per_slot(monkeypatch):
 
 
 def test_urls():
-    from harness.sweep.driver import _redact
+    from harness.tracking.urls import redact
 
     assert sqlalchemy_url("postgresql://u@h:5432/optuna").startswith("postgresql+psycopg")
     assert sqlalchemy_url("postgresql+psycopg2://u@h/db") == "postgresql+psycopg2://u@h/db"
     assert sqlalchemy_url("sqlite:///x.db") == "sqlite:///x.db"
-    assert _redact("postgresql://u:secret@h:5432/optuna") == "postgresql://u:***@h:5432/optuna"
-    assert _redact("postgresql://u@h/optuna") == "postgresql://u@h/optuna"
+    assert redact("postgresql://u:secret@h:5432/optuna") == "postgresql://u:***@h:5432/optuna"
+    assert redact("postgresql://u@h/optuna") == "postgresql://u@h/optuna"

@@ -48,8 +48,9 @@ class Built:
 
 
 def _checkpoint(tracker: Tracker, run_id: str):
-    from harness.engine.teacher import CHECKPOINT_NAME, load_checkpoint
+    from harness.engine.teacher import CHECKPOINT_NAME, CHECKPOINT_TAG, load_checkpoint
 
+    expected = (tracker.run_record(run_id) or {}).get(f"tags.{CHECKPOINT_TAG}")
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = tracker.download(run_id, CHECKPOINT_NAME, tmp)
@@ -57,7 +58,7 @@ def _checkpoint(tracker: Tracker, run_id: str):
             raise ExportError(
                 f"run {run_id} has no {CHECKPOINT_NAME} artifact (it did not finish training); export another run"
             ) from None
-        return load_checkpoint(path, CPU)
+        return load_checkpoint(path, CPU, expected)  # a model.pt that does not match its digest: one line
 
 
 def _train_statistics(cfg):
