@@ -3,7 +3,8 @@
 A TensorSplit is sliced directly (no per-sample Python work, no worker processes); a split that makes its
 views on the device (``pass_rows``/``views``: random augmentation of in-memory data, replayed teacher views)
 draws one view per sample per pass and builds each batch in one call; any other Dataset goes through a
-DataLoader. The indices let the trainer look up cached teacher outputs for each sample.
+DataLoader (replayed views of files: ``new_pass`` picks the pass's views first, the workers return each
+sample's view id and it is checked). The indices let the trainer look up cached teacher outputs for each sample.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class _WithIndex(Dataset):
         return len(self.base)
 
     def __getitem__(self, i):
+        if hasattr(self.base, "sample"):  # replayed views of files: (x, y, i, view id), engine/file_views.py
+            return self.base.sample(i)
         x, y = self.base[i]
         return x, y, i
 
@@ -61,6 +64,8 @@ def iterate_batches(
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             yield x, y, idx
         return
+    if hasattr(split, "new_pass"):  # replayed views of files: this pass's choice, before the workers start
+        split.new_pass(shuffle)
     workers = min(4, os.cpu_count() or 1)
     batching = dict(batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last)
     if shard[1] > 1:
@@ -73,7 +78,9 @@ def iterate_batches(
         persistent_workers=False,
     )
     try:
-        for x, y, idx in loader:
+        for x, y, idx, *view in loader:
+            if view:
+                split.check_views(idx, view[0])
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True), idx
     except DataError as exc:  # raised in a worker: torch wraps our one-line message in the worker's traceback
         raise DataError(str(exc).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None

@@ -330,8 +330,18 @@ class PairView(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.view(i)
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        """(h, w) of sample ``i``'s image as read (before any transform)."""
+        image, _ = self.base[self.indices[i]]
+        return tuple(image.shape[-2:]) if torch.is_tensor(image) else (image.height, image.width)
+
+    def view(self, i: int, params: AugmentParams | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample ``i`` transformed by ``params`` (stored parameters, replayed exactly), or by parameters the
+        transform draws now (None)."""
         image, mask = self.base[self.indices[i]]
-        x, y = self.transform(image, mask)
+        x, y = self.transform(image, mask) if params is None else self.transform.apply(image, mask, params)
         if self.label_map is not None:
             y = self.label_map[y.clamp(0, len(self.label_map) - 1)]
         return x, y
@@ -340,3 +350,24 @@ class PairView(Dataset):
 def alternate_halves(n: int) -> tuple[list[int], list[int]]:
     """Split indices 0..n-1 into two interleaved halves: even positions, odd positions."""
     return list(range(0, n, 2)), list(range(1, n, 2))
+
+
+# One view's AugmentParams as a row of float64 (ints and Python floats both exact in it), for storing views.
+PARAM_FIELDS = (
+    *("size_h", "size_w", "top", "left", "crop_h", "crop_w", "flip", "scale"),
+    *("brightness", "contrast", "saturation", "order_0", "order_1", "order_2"),
+)
+
+
+def params_row(p: AugmentParams) -> list[float]:
+    """``p`` as the values of :data:`PARAM_FIELDS`."""
+    return [*map(float, (*p.size, *p.box, p.flip, p.scale, *p.jitter, *p.jitter_order))]
+
+
+def row_params(row) -> AugmentParams:
+    """The AugmentParams a :func:`params_row` row holds, bit for bit."""
+    v = [float(x) for x in row]
+    ints = [int(x) for x in v]
+    return AugmentParams(
+        (ints[0], ints[1]), tuple(ints[2:6]), bool(ints[6]), v[7], tuple(v[8:11]), tuple(ints[11:14])
+    )

@@ -42,17 +42,18 @@ def digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def view_rows(split, views: int, seed: int, data_key: str, root: Path) -> tuple[torch.Tensor, str]:
-    """(N, V, 7) view parameters of every training image (``device_augment.FIELDS``), drawn image by image
-    from ``seed``; saved beside the run and loaded from there when the same data, V and seed ask again."""
-    key = digest("views", data_key, len(split), views, seed)
+def view_rows(source, views: int, seed: int, data_key: str, root: Path) -> tuple[torch.Tensor, str]:
+    """(N, V, F) view parameters of every training image (in-memory: ``device_augment.FIELDS``; files:
+    ``transforms.PARAM_FIELDS``), drawn image by image from ``seed``; saved beside the run and loaded from
+    there when the same data, V and seed ask again."""
+    key = digest("views", data_key, len(source), views, seed)
     path = root / key / "views.pt"
     if path.is_file():
         rows = torch.load(path, weights_only=True)
-        if rows.shape[:2] == (len(split), views):
+        if rows.shape[:2] == (len(source), views):
             return rows, key
     generator = torch.Generator().manual_seed(seed)
-    rows = torch.stack([split.draw(views, generator) for _ in range(len(split))])
+    rows = torch.stack([source.draw_image(i, views, generator) for i in range(len(source))])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")  # workers drawing the same views at once
     torch.save(rows, tmp)
@@ -135,32 +136,29 @@ class ViewStore:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
-    def fill(self, live, split, rows: torch.Tensor, batch: int) -> int:
-        """Run the teacher on every stored view; returns the number of teacher forwards (images)."""
-        n, views = rows.shape[:2]
-        kl, pixels = 0.0, 0
-        for v in range(views):
-            for start in range(0, n, batch):
-                idx = torch.arange(start, min(start + batch, n))
-                x, _ = split.views(idx, rows[idx, v])
-                logits, outputs = live(x.to(self.device), idx)
-                outputs = dict(outputs)
-                if self.topk:
-                    outputs.update(top_k(logits, self.tensors["__topk__"].shape[2]))
-                    part, count = topk_kl(logits, from_top_k(*_topk(outputs), self.classes))
-                    kl, pixels = kl + float(part), pixels + count
-                else:
-                    outputs[LOGITS] = logits
-                for name, value in outputs.items():
-                    target = self.tensors[name]
-                    target[idx.to(target.device), v] = value.to(target.device, target.dtype)
+    def fill(self, live, batches) -> int:
+        """Run the teacher on every stored view, ``batches`` of (images, image indices, view ids); returns
+        the number of teacher forwards (images)."""
+        kl, pixels, forwards = 0.0, 0, 0
+        for x, idx, view in batches:
+            logits, outputs = live(x.to(self.device), idx)
+            outputs, forwards = dict(outputs), forwards + len(idx)
+            if self.topk:
+                outputs.update(top_k(logits, self.tensors["__topk__"].shape[2]))
+                part, count = topk_kl(logits, from_top_k(*_topk(outputs), self.classes))
+                kl, pixels = kl + float(part), pixels + count
+            else:
+                outputs[LOGITS] = logits
+            for name, value in outputs.items():
+                target = self.tensors[name]
+                target[idx.to(target.device), view.to(target.device)] = value.to(target.device, target.dtype)
         self.kl = kl / pixels if pixels else None
         for array in self._memmaps:
             array.flush()
         if self.folder is not None:
             (self.folder / "complete.json").write_text(json.dumps({"kl": self.kl}))
         self.complete = True
-        return n * views
+        return forwards
 
     def lookup(self, idx: torch.Tensor, view: torch.Tensor):
         at = {k: t[idx.to(t.device), view.to(t.device)].to(self.device) for k, t in self.tensors.items()}
@@ -172,9 +170,10 @@ def _topk(d: dict) -> tuple:
     return d["__topk__"], d["__index__"], d["__lse__"]
 
 
-class ReplaySplit(Dataset):
-    """The training split as stored views: each shuffled pass picks one of its V views per image (from
-    ``seed``); unshuffled passes and ``split[i]`` show view 0. ``current`` says which view each image shows."""
+class ViewChoice(Dataset):
+    """A training split shown as stored views: each shuffled pass picks one of its V views per image (from a
+    generator seeded by ``seed``, so the k-th pass of a run with that seed always picks the same); unshuffled
+    passes and ``split[i]`` show view 0. ``current`` says which view each image shows."""
 
     deterministic = False
 
@@ -186,14 +185,21 @@ class ReplaySplit(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def pass_rows(self, shuffle: bool, generator=None) -> torch.Tensor:
+    def choose(self, shuffle: bool) -> torch.Tensor:
         n, views = self.rows.shape[:2]
         self.current = (
             torch.randint(views, (n,), generator=self.generator)
             if shuffle
             else torch.zeros_like(self.current)
         )
-        return self.rows[torch.arange(n), self.current]
+        return self.current
+
+
+class ReplaySplit(ViewChoice):
+    """Stored views of an in-memory split, made on the device in batches (``iterate_batches``)."""
+
+    def pass_rows(self, shuffle: bool, generator=None) -> torch.Tensor:
+        return self.rows[torch.arange(len(self.rows)), self.choose(shuffle)]
 
     def views(self, idx: torch.Tensor, rows: torch.Tensor):
         return self.base.views(idx, rows)
@@ -201,6 +207,41 @@ class ReplaySplit(Dataset):
     def __getitem__(self, i: int):
         x, y = self.views(torch.tensor([i]), self.rows[i, self.current[i]][None])
         return x[0], y[0]
+
+
+class MemoryViews:
+    """Drawing, applying and replaying the stored views of an in-memory split (``DeviceAugmentSplit``)."""
+
+    def __init__(self, split):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def draw_image(self, i: int, views: int, generator: torch.Generator) -> torch.Tensor:
+        return self.split.draw(views, generator)
+
+    def probe(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.split.views(torch.arange(1), rows[:1, 0])[0]
+
+    def batches(self, rows: torch.Tensor, batch: int):
+        n, views = rows.shape[:2]
+        for v in range(views):
+            for start in range(0, n, batch):
+                idx = torch.arange(start, min(start + batch, n))
+                yield self.split.views(idx, rows[idx, v])[0], idx, torch.full_like(idx, v)
+
+    def replay(self, rows: torch.Tensor, seed: int) -> ReplaySplit:
+        return ReplaySplit(self.split, rows, seed)
+
+
+def view_source(split):
+    """How ``split``'s views are drawn and applied: in memory, from files (engine/file_views.py), or None."""
+    from harness.engine.file_views import FileViews, is_file_split
+
+    if hasattr(split, "draw"):
+        return MemoryViews(split)
+    return FileViews(split) if is_file_split(split) else None
 
 
 class ReplayTeacher:
@@ -250,14 +291,16 @@ def serve_views(live, teacher, split, train_cfg, device, key: tuple) -> tuple[Re
     from harness.engine.evaluate import count_flops
     from harness.engine.progress import console
 
-    if not hasattr(split, "draw"):
+    source = view_source(split)
+    if source is None:
         return None, (
-            "train.teacher_views needs an in-memory source (digits_seg, microscopy) with a random data.augment; "
-            "this source makes its views in DataLoader workers"
+            "train.teacher_views needs an in-memory source (digits_seg, microscopy) or a folder/voc/cityscapes "
+            f"train split with a random data.augment; this train split ({type(split).__name__}) draws no "
+            "storable view parameters"
         )
     views, topk, root = train_cfg.teacher_views, train_cfg.teacher_views_topk, views_root()
-    rows, views_key = view_rows(split, views, train_cfg.teacher_views_seed, key[1], root)
-    x, _ = split.views(torch.arange(1), rows[:1, 0])
+    rows, views_key = view_rows(source, views, train_cfg.teacher_views_seed, key[1], root)
+    x = source.probe(rows).to(device)
     logits, feats = live(x.to(device), torch.arange(1))
     shapes = stored_shapes(logits.shape[1:], {k: v.shape[1:] for k, v in feats.items()}, topk)
     need = estimate_bytes(len(split), views, shapes)
@@ -272,11 +315,11 @@ def serve_views(live, teacher, split, train_cfg, device, key: tuple) -> tuple[Re
         folder = root / out_key if where == "memmap" else None
         store = ViewStore(shapes, len(split), views, logits.shape[1], device, folder)
         if not store.complete:
-            forwards = store.fill(live, split, rows, max(train_cfg.batch_size, 64))
+            forwards = store.fill(live, source.batches(rows, max(train_cfg.batch_size, 64)))
         _STORES.clear()
         _STORES[out_key] = store
     flops = count_flops(teacher, x) * forwards if forwards else 0.0  # the one-off pass, charged once
-    server = ReplayTeacher(store, ReplaySplit(split, rows, train_cfg.seed), flops)
+    server = ReplayTeacher(store, source.replay(rows, train_cfg.seed), flops)
     where = "memory-mapped" if store.folder is not None else "device"
     top = f", top-{topk}" if store.topk else ""
     served = f"replayed views (V={views}{top}, {where}, {store.nbytes / 2**20:.1f} MB)"
