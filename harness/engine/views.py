@@ -1,8 +1,9 @@
 """Replayed teacher views (``train.teacher_views: V``): KD under random augmentation without a live teacher.
 
 Before training, V views are drawn for every training image with the run's ``data.augment`` (from
-``train.teacher_views_seed``, not the run's seed, so every trial and seed of a study shares them; their
-parameters are saved under ``$HARNESS_VIEWS_DIR``, default ``mlruns/views``, and found again after a restart),
+``train.teacher_views_seed``, not the run's seed, so every trial and seed of a study shares them; in-memory
+sources apply them on the device in batches, folder/voc/cityscapes in DataLoader workers: engine/file_views.py;
+their parameters are saved under ``$HARNESS_VIEWS_DIR``, default ``mlruns/views``, and found again after a restart),
 the teacher runs once on each view, and its logits (at the teacher's output resolution) and the tapped
 features the distiller needs are stored in fp16: on the device when they fit ``train.teacher_cache_gb``, else
 in memory-mapped files in that folder (one line says which, with the size). Each epoch every image trains on
