@@ -35,3 +35,20 @@ def build_feature_method(method: str, s_shape=None, t_shape=None, **kw):
 def feature_batch(s, t):
     """A batch carrying only the tapped features "s" (student) and "t" (teacher)."""
     return KDBatch(torch.zeros(len(s), 3), torch.arange(len(s)), None, {"s": s}, {"t": t})
+
+
+def count_teacher_forwards(monkeypatch) -> list[int]:
+    """Patch the teacher loader so that each forward of a loaded teacher appends its batch size to the list
+    returned (how tests check that replayed views run no teacher while training)."""
+    from harness.engine import teacher as teacher_module
+
+    calls: list[int] = []
+    real = teacher_module.load_checkpoint
+
+    def counted(*args, **kw):
+        model, payload = real(*args, **kw)
+        model.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+        return model, payload
+
+    monkeypatch.setattr(teacher_module, "load_checkpoint", counted)
+    return calls

@@ -16,6 +16,7 @@ from harness.engine.teacher import LiveTeacher, serve_teacher
 from harness.engine.views import estimate_bytes, from_top_k, stored_shapes, top_k
 from harness.errors import ConfigError
 from tests.conftest import TINY_DATA, TINY_TRAIN
+from tests.kd_helpers import count_teacher_forwards
 
 AUGMENT = {"scale": [0.75, 1.25], "crop": 16, "hflip": True}
 NO_AUTOCAST = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
@@ -237,17 +238,7 @@ def test_a_kd_run_trains_from_replayed_views_without_running_the_teacher(tmp_pat
     data = load_data(teacher_cfg.data)
     teacher = build_model(teacher_cfg.model, data.in_channels, data.num_classes)
     torch.save(checkpoint_payload(teacher, teacher_cfg, data), tmp_path / "teacher.pt")
-    calls = []
-    from harness.engine import teacher as teacher_module
-
-    real = teacher_module.load_checkpoint
-
-    def counted(path, device):
-        model, payload = real(path, device)
-        model.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
-        return model, payload
-
-    monkeypatch.setattr(teacher_module, "load_checkpoint", counted)
+    calls = count_teacher_forwards(monkeypatch)
     cfg = build_experiment(
         {**tree, "kd": {"method": "response"}, "teacher": str(tmp_path / "teacher.pt")}, "s"
     )

@@ -18,6 +18,7 @@ from harness.engine.file_views import FileReplaySplit
 from harness.engine.teacher import LiveTeacher, serve_teacher
 from harness.errors import DataError
 from tests.conftest import write_yaml
+from tests.kd_helpers import count_teacher_forwards
 from tests.test_data_sources import make_folder, make_voc
 
 AUGMENT = {"scale": [0.75, 1.25], "crop": 8, "hflip": True, "color_jitter": 0.4}
@@ -158,7 +159,6 @@ def test_a_cli_run_trains_from_replayed_file_views_without_running_the_teacher(
     from mlflow import MlflowClient
 
     from harness.cli import main
-    from harness.engine import teacher as teacher_module
     from harness.engine.teacher import checkpoint_payload
     from harness.models import build_model
 
@@ -173,15 +173,7 @@ def test_a_cli_run_trains_from_replayed_file_views_without_running_the_teacher(
     data = load_data(teacher_cfg.data)
     model = build_model(teacher_cfg.model, data.in_channels, data.num_classes)
     torch.save(checkpoint_payload(model, teacher_cfg, data), tmp_path / "teacher.pt")
-    calls = []
-    real = teacher_module.load_checkpoint
-
-    def counted(path, device):
-        model, payload = real(path, device)
-        model.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
-        return model, payload
-
-    monkeypatch.setattr(teacher_module, "load_checkpoint", counted)
+    calls = count_teacher_forwards(monkeypatch)
     student = {**tree, "train": {**tree["train"], "teacher_views": 2}}
     path = write_yaml(
         tmp_path / "student.yaml",
