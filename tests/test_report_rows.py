@@ -194,6 +194,18 @@ def test_the_baseline_matches_fixed_training_keys_and_lists_searched_ones(tracke
     assert row["trial # KD / none"] == "2 / 0" and row["seeds paired"] == 5
     assert "response: lr 0.01 (none 0.001)" in base.note
     assert "Training settings the study searched (lr) may differ: each arm keeps its best value" in base.note
+    # train.iterations is how long, like epochs: matched even when searched (a longer none is no baseline)
+    its = ("train.iterations",)
+    report = report_of(
+        tracker,
+        "searched_iterations",
+        [
+            Trial({"train.iterations": 200}, five(0.70, 0.71, 0.69, 0.70, 0.70), search=its),
+            Trial({"train.iterations": 100}, NONE.results, search=its),
+            Trial({**RESPONSE.params, "train.iterations": 100}, RESPONSE.results, search=its),
+        ],
+    )
+    assert report.table("baseline").frame.iloc[0]["trial # KD / none"] == "2 / 1"
 
 
 def test_seed_runs_follow_their_trial_run_not_its_number(tracker):

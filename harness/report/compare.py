@@ -280,7 +280,7 @@ def _finding(
 def _apart_text(names: list[str], rows: list[pd.Series], bases: list, apart: list[str]) -> str:
     """The rule for the baseline's training settings, and where searched ones differ from the row's."""
     rule = (
-        "The baseline is the best none configuration with the same student, data, epochs and budget and the "
+        "The baseline is the best none configuration with the same student, data, epochs (or iterations) and budget and the "
         "same fixed training settings (every train.* key but the seed, device settings and the keys the "
         "study searched)."
     )

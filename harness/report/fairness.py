@@ -6,7 +6,7 @@ schedule can beat KD on its own (docs/reading-reports.md). The method and baseli
 row's trials and show its schedule; a note flags a method that got more than ``TUNING_RATIO`` times the
 trials of the ``none`` baseline with the same student.
 
-A KD row's baseline has the same student, data, epochs and budget (``ALWAYS_MATCHED``) and the same value
+A KD row's baseline has the same student, data, epochs or iterations and budget (``ALWAYS_MATCHED``) and the same value
 of every other ``train.*`` key that changes what is trained, except the keys the study searched: each arm
 keeps its own best value of those (insisting on the KD row's lr would leave ``none`` untuned, or no
 baseline at all), and the note lists where they differ. Device settings (``DEVICE_SETTINGS``) never count.
@@ -30,7 +30,13 @@ SCHEDULE = (
     ("train.early_stopping", "early stop {}"),
 )
 SCHEDULER_NONE = "constant"  # train.scheduler "none": the lr stays where it starts
-ALWAYS_MATCHED = ("model.", "data.", "train.epochs", "train.budget.")  # the student, its data, how long
+ALWAYS_MATCHED = (
+    "model.",
+    "data.",
+    "train.epochs",
+    "train.iterations",
+    "train.budget.",
+)  # student, data, how long
 # train.* keys that change how the runs use the machine, not what is trained
 DEVICE_SETTINGS = (
     "train.seed",
