@@ -100,9 +100,10 @@ def dry_run(study) -> int:
     if teacher and not is_checkpoint(teacher):
         teacher_config(teacher)
     n = sum(1 for _ in example_params(study))
+    grid = f"; the grid has {len(study.grid())} points" if study.sampler.name == "grid" else ""
     print(
         f"study {study.name}: valid ({n} example configurations of {study.experiment}, teacher "
-        f"{teacher or 'none'}); nothing was trained or written"
+        f"{teacher or 'none'}{grid}); nothing was trained or written"
     )
     return 0
 

@@ -36,7 +36,7 @@ def test_conditional_entries_appear_only_where_their_condition_holds():
     assert len(grid_point_list(aliased)) == 3
 
 
-def test_a_conditional_grid_trains_each_point_once(tmp_path, store, tiny_experiment):
+def test_a_conditional_grid_trains_each_point_once(tmp_path, store, tiny_experiment, capsys):
     study = {
         "experiment": str(tiny_experiment),
         "sampler": {"name": "grid", "seed": 0},
@@ -48,6 +48,8 @@ def test_a_conditional_grid_trains_each_point_once(tmp_path, store, tiny_experim
     }
     path = write_yaml(tmp_path / "studies" / "cond.yaml", study)
     assert load_study(path).budget.trials == 3
+    assert main(["sweep", "--study", str(path), "--dry-run"]) == 0
+    assert "the grid has 3 points" in capsys.readouterr().out
     journal = tmp_path / "journal.log"
     assert main(["sweep", "--study", str(path), "--storage", str(journal), "--quiet"]) == 0
     client = MlflowClient(store)
