@@ -61,6 +61,12 @@ class TrainConfig(BaseModel):
         "one partial); train.epochs is then not used",
     )
     batch_size: int = Field(32, ge=1)
+    eval_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="images per evaluation batch (val and test); unset: max(batch_size, 64). Lower it when "
+        "full-resolution evaluation does not fit (Cityscapes 1024x2048)",
+    )
     lr: float = Field(3e-3, gt=0)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     momentum: float = Field(0.9, ge=0, le=1)
@@ -136,6 +142,7 @@ class TrainConfig(BaseModel):
                 ("teacher_views_seed", 0),
                 ("grad_accum", 1),
                 ("sync_bn", False),
+                ("eval_batch_size", None),
             ):
                 if data.get(key, off) == off:
                     data.pop(key, None)

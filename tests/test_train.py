@@ -164,3 +164,25 @@ def test_bad_mask_value_in_a_worker_is_still_one_line(tmp_path, store, capsys):
     code = main(["train", "--config", str(path), "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 3 and "s3.png" in err and "\n" not in err and "Traceback" not in err, err
+
+
+def test_eval_batch_size_sets_the_validation_and_test_batches(store, tiny_teacher, monkeypatch):
+    from harness.engine import fit as fit_module
+    from harness.engine import run as run_module
+
+    sizes = []
+    for module in (fit_module, run_module):
+        real = module.evaluate
+
+        def recorded(*args, _real=real, **kw):
+            sizes.append(kw["batch_size"])
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(module, "evaluate", recorded)
+    args = ["train", "--config", str(tiny_teacher), "--set", "train.eval_batch_size=5", "--quiet"]
+    assert main(args) == 0
+    assert sizes and set(sizes) == {5}  # every epoch's validation and the test split
+    cfg = build_experiment(
+        {"name": "x", "data": TINY_DATA, "model": {"name": "unet"}, "train": TINY_TRAIN}, "x"
+    )
+    assert "eval_batch_size" not in cfg.model_dump()["train"]  # unset: configs hash as before

@@ -240,6 +240,11 @@ def step_losses(x, y, idx, data: DataSplits, step: Step, alpha: float, beta: flo
     return {"loss": loss, "ce": ce, **terms}
 
 
+def eval_batch_size(train_cfg) -> int:
+    """``train.eval_batch_size``, or by default max(batch_size, 64)."""
+    return train_cfg.eval_batch_size or max(train_cfg.batch_size, 64)
+
+
 def validate(model: nn.Module, data: DataSplits, cfg, device, autocast) -> dict[str, float]:
     return evaluate(
         model,
@@ -248,7 +253,7 @@ def validate(model: nn.Module, data: DataSplits, cfg, device, autocast) -> dict[
         num_classes=data.num_classes,
         ignore_index=data.ignore_index,
         device=device,
-        batch_size=max(cfg.train.batch_size, 64),
+        batch_size=eval_batch_size(cfg.train),
         autocast=autocast,
         shard=True,
     )

@@ -29,7 +29,7 @@ from harness.distill import KD_METHODS
 from harness.engine import distributed
 from harness.engine.compute import first_batch, measure_step_cost, teacher_cache_flops
 from harness.engine.evaluate import count_flops, evaluate, ms_per_image, timing_tag, trivial_score
-from harness.engine.fit import FitResult, autocast_factory, fit, resolve_device, selection
+from harness.engine.fit import FitResult, autocast_factory, eval_batch_size, fit, resolve_device, selection
 from harness.engine.teacher import (
     CHECKPOINT_NAME,
     CHECKPOINT_TAG,
@@ -341,7 +341,7 @@ def finalize(
         autocast=autocast,
     )
     test_start = time.perf_counter()
-    test = evaluate(model, data.test, batch_size=64, shard=True, **kwargs)
+    test = evaluate(model, data.test, batch_size=eval_batch_size(cfg.train), shard=True, **kwargs)
     test_seconds = time.perf_counter() - test_start
     if not distributed.current().main:  # what follows is logged by rank 0 alone
         return {f"test/{k}": v for k, v in test.items()}, test_seconds

@@ -45,6 +45,7 @@ DEVICE_SETTINGS = (
     "train.compile",
     "train.teacher_cache",
     "train.teacher_cache_gb",
+    "train.eval_batch_size",
 )
 
 
