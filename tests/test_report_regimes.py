@@ -1,5 +1,5 @@
 """The regimes table (seed 002 Tables 5 and 6): every configuration a row, hard labels first, and the seeds
-that ended at the trivial predictor counted."""
+that ended at the trivial predictor counted; and the row a study's seed rounds judged stays its report's row."""
 
 from __future__ import annotations
 
@@ -40,3 +40,28 @@ def test_every_regime_is_a_row_and_stuck_seeds_are_counted(tracker):  # noqa: F8
 def test_no_regimes_table_without_a_regime_to_compare(tracker):  # noqa: F811
     trials = [Trial({}, seeds_of(0.86, 0.87, 0.88, 0.87, 0.86))]
     assert report_of(tracker, "no_regimes", trials).table("regimes") is None
+
+
+def test_the_row_the_seed_rounds_judged_stays_the_reports_row(tracker):  # noqa: F811
+    """Rounds gave seeds 5-6 to T=1 (best when they began); those seeds pulled its mean below T=4's. The
+    report must judge T=1, the configuration the rounds judged, not re-choose T=4 and call it open."""
+    import json
+
+    from harness.report.build import analyse
+    from harness.report.load import load_study
+    from tests.test_report_rows import log_study
+
+    seven = dict(enumerate([0.86, 0.87, 0.88, 0.87, 0.86, 0.84, 0.84]))
+    t1 = {s: v + 0.02 for s, v in seven.items()}
+    t1[5] = t1[6] = 0.80
+    trials = [
+        Trial({}, seven),
+        Trial({"kd.method": "response", "kd.temperature": 4.0}, five(0.88, 0.89, 0.88, 0.885, 0.88)),
+        Trial({"kd.method": "response", "kd.temperature": 1.0}, t1),
+    ]
+    log_study(tracker, "judged_rows", trials)
+    parent = load_study(tracker, "judged_rows").parent
+    row = {"row": "response", "kd": {"trial": 2, "method": "response"}, "baseline": {"trial": 0}}
+    tracker.run(parent["run_id"]).set_tags({"sequential": json.dumps({"phase": "tuning", "rows": [row]})})
+    frame = analyse(tracker, "judged_rows").table("baseline").frame
+    assert frame.iloc[0]["trial # KD / none"] == "2 / 0" and frame.iloc[0]["seeds paired"] == 7

@@ -48,6 +48,7 @@ from harness.report.fairness import (
 )
 from harness.report.findings import finding
 from harness.report.groups import _norm, best_per, student_keys
+from harness.report.judged import judged_rows
 from harness.report.load import StudyRuns
 from harness.report.markdown import Table, number
 from harness.report.sanity import trivial_score, trivial_text, warning_finding, warnings
@@ -169,6 +170,7 @@ def baseline_table(study: StudyRuns, groups: pd.DataFrame, seeds: pd.DataFrame) 
     keys = student_keys(groups)
     choice = ["kd.method", *keys]
     rows = with_unfinished(best_per(groups, choice, study.objective, study.direction), groups, choice)
+    rows = judged_rows(study, groups, rows, choice)
     kd_rows = rows[rows["method"] != "none"]
     if not len(kd_rows):
         return None

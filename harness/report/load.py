@@ -8,6 +8,7 @@ convenience columns: ``trial``, ``state``, ``method`` and, for seed runs, ``seed
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ class StudyRuns:
     teacher: dict | None = None
     design: Design = field(default_factory=Design)
     confirmation: StudyRuns | None = None  # the confirmation phase's trials and seeds, split off
+    rounds: dict | None = None  # the sweep's record of its seed rounds (the parent's sequential.json)
 
     @property
     def task(self) -> str:
@@ -123,6 +125,7 @@ def load_study(tracker: Tracker, name: str) -> StudyRuns:
     except DesignError as exc:
         raise ReportError(f"study {name}: {exc}", 2) from None
     study.trials["extra"] = extra_seed_trials(study)
+    study.rounds = read_record(tracker, parent, "sequential")
     return split_confirmation(study)
 
 
@@ -137,6 +140,25 @@ def read_design(tracker: Tracker, parent: pd.Series | None) -> Design:
             return design_of(None, parent.get("params.seeds"))
         tree = yaml.safe_load(path.read_text(encoding="utf-8"))
     return design_of(tree if isinstance(tree, dict) else None, parent.get("params.seeds"))
+
+
+def read_record(tracker: Tracker, parent: pd.Series | None, name: str) -> dict | None:
+    """A study user attr the sweep copied to the parent run (tag ``name``, or the artifact ``name.json``
+    when it was too long for a tag); None when there is none."""
+    text = parent.get(f"tags.{name}") if parent is not None else None
+    if not isinstance(text, str):
+        return None
+    if text.startswith("see the artifact"):
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                text = tracker.download(parent["run_id"], f"{name}.json", tmp).read_text(encoding="utf-8")
+            except Exception:
+                return None
+    try:
+        tree = json.loads(text)
+    except ValueError:
+        return None
+    return tree if isinstance(tree, dict) else None
 
 
 def extra_seed_trials(study: StudyRuns) -> pd.Series:
