@@ -69,7 +69,7 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path, store):
             "name": "i",
             "data": TINY_DATA,
             "model": {"name": "unet", "width": 2, "depth": 3},
-            "train": {**TINY_TRAIN, "epochs": 60},
+            "train": {**TINY_TRAIN, "epochs": 2000},  # far longer than the wait below: SIGINT lands mid-trial
         },
     )
     study = write_yaml(tmp_path / "interrupt.yaml", {"experiment": str(exp), "budget": {"trials": 1}})
