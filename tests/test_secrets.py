@@ -26,7 +26,7 @@ def command_lines(exclude: int) -> list[str]:
     that one must show the password, or ``ps`` would not show whole command lines."""
     out = subprocess.run(["ps", "-wweo", "pid=,args="], capture_output=True, text=True, timeout=30).stdout
     lines = [line.strip() for line in out.splitlines()]
-    own = [line for line in lines if line.split(None, 1)[0] == str(exclude)]
+    own = [line for line in lines if line.split(None, 1)[0] == str(exclude) and "<defunct>" not in line]
     assert not own or PG_PASSWORD in own[0]
     return [line for line in lines if line.split(None, 1)[0] != str(exclude)]
 

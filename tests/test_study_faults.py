@@ -75,8 +75,14 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path, store):
     study = write_yaml(tmp_path / "interrupt.yaml", {"experiment": str(exp), "budget": {"trials": 1}})
     journal = str(tmp_path / "journal.log")
     cmd = [sys.executable, "-m", "harness", "sweep", "--study", str(study), "--storage", journal, "--quiet"]
+    # A terminal's Ctrl-C reaches a process whose SIGINT is not ignored; a test run started in the background
+    # (nohup, `cmd &` in a script) passes an ignored SIGINT down to its children, so give the sweep the default.
     proc = subprocess.Popen(
-        cmd, env={**os.environ, "MLFLOW_TRACKING_URI": store}, stderr=subprocess.PIPE, text=True
+        cmd,
+        env={**os.environ, "MLFLOW_TRACKING_URI": store},
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     client = MlflowClient(store)
     deadline = time.time() + 120
