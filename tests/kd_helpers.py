@@ -52,3 +52,14 @@ def count_teacher_forwards(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(teacher_module, "load_checkpoint", counted)
     return calls
+
+
+def fresh_view_stores(tmp_path, monkeypatch) -> None:
+    """Replayed-view tests start from nothing stored: views under ``tmp_path``, no store kept in memory, no
+    one-line fallback warning already given."""
+    import harness.distill.base as base
+    from harness.engine import views
+
+    monkeypatch.setenv("HARNESS_VIEWS_DIR", str(tmp_path / "views"))
+    monkeypatch.setattr(views, "_STORES", {})
+    monkeypatch.setattr(base, "_WARNED", set())

@@ -16,7 +16,7 @@ from harness.engine.teacher import LiveTeacher, serve_teacher
 from harness.engine.views import estimate_bytes, from_top_k, stored_shapes, top_k
 from harness.errors import ConfigError
 from tests.conftest import TINY_DATA, TINY_TRAIN
-from tests.kd_helpers import count_teacher_forwards
+from tests.kd_helpers import count_teacher_forwards, fresh_view_stores
 
 AUGMENT = {"scale": [0.75, 1.25], "crop": 16, "hflip": True}
 NO_AUTOCAST = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
@@ -59,11 +59,7 @@ def train_cfg(**kw):
 
 @pytest.fixture(autouse=True)
 def fresh(tmp_path, monkeypatch):
-    monkeypatch.setenv("HARNESS_VIEWS_DIR", str(tmp_path / "views"))
-    monkeypatch.setattr(views_module, "_STORES", {})
-    import harness.distill.base as base
-
-    monkeypatch.setattr(base, "_WARNED", set())
+    fresh_view_stores(tmp_path, monkeypatch)
 
 
 def serve(teacher, data, layers=("body",), **kw):

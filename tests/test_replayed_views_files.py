@@ -18,7 +18,7 @@ from harness.engine.file_views import FileReplaySplit
 from harness.engine.teacher import LiveTeacher, serve_teacher
 from harness.errors import DataError
 from tests.conftest import write_yaml
-from tests.kd_helpers import count_teacher_forwards
+from tests.kd_helpers import count_teacher_forwards, fresh_view_stores
 from tests.test_data_sources import make_folder, make_voc
 
 AUGMENT = {"scale": [0.75, 1.25], "crop": 8, "hflip": True, "color_jitter": 0.4}
@@ -57,11 +57,7 @@ def train_cfg(**kw):
 
 @pytest.fixture(autouse=True)
 def fresh(tmp_path, monkeypatch):
-    monkeypatch.setenv("HARNESS_VIEWS_DIR", str(tmp_path / "views"))
-    monkeypatch.setattr(views_module, "_STORES", {})
-    import harness.distill.base as base
-
-    monkeypatch.setattr(base, "_WARNED", set())
+    fresh_view_stores(tmp_path, monkeypatch)
 
 
 def serve(teacher, data, **kw):
