@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from harness.distill.adapters import adapted_pairs, channel_adapter, pair_shapes
-from harness.distill.base import KD_METHODS, FeatureKDConfig, match_spatial
+from harness.distill.adapters import channel_adapter, pair_shapes
+from harness.distill.base import KD_METHODS, FeatureKDConfig
 from harness.distill.mgd import MGDKD, generator
 
 
@@ -123,16 +123,7 @@ class AfDCDKD(MGDKD):
     def forward(self, batch):
         cfg = self.cfg
         fd = ctr = 0.0
-        for i, (align, s, t) in enumerate(adapted_pairs(self, batch, getattr(self, "aligners", None))):
-            a = match_spatial(align(s), t)
-            if a.shape != t.shape:
-                raise ValueError(
-                    f"afdcd: aligned student feature {tuple(a.shape)} does not match the teacher's "
-                    f"{tuple(t.shape)}; re-run setup with the probed shapes"
-                )
-            n, _, h, w = t.shape
-            keep = torch.rand(n, 1, h, w, device=t.device) <= 1 - cfg.mask_ratio  # the reference's draw
-            g = self.generators[i](a * keep)
+        for g, t in self.generated(batch):  # MGD's masked generation, the reference's draw
             fd = fd + (g - t).pow(2).mean()
             ctr = ctr + omni_contrast(g, t, cfg.tau, cfg.channel_groups, cfg.pool_size, cfg.patch_size)
         return {"fd": cfg.fd_weight * fd, "ctr": cfg.ctr_weight * ctr}

@@ -69,17 +69,22 @@ class MGDKD(Distiller):
         self.aligners = nn.ModuleList(channel_adapter(s, t) for s, t in pairs)
         self.generators = nn.ModuleList(generator(t[1]) for _, t in pairs)
 
-    def forward(self, batch):
-        loss = 0.0
+    def generated(self, batch):
+        """(teacher feature regenerated from the masked, aligned student feature, teacher feature) per tapped
+        pair: random positions are zeroed where rand > 1 - mask_ratio (the paper's draw)."""
         for i, (align, s, t) in enumerate(adapted_pairs(self, batch, getattr(self, "aligners", None))):
             a = match_spatial(align(s), t)
             if a.shape != t.shape:
                 raise ValueError(
-                    f"mgd: aligned student feature {tuple(a.shape)} does not match the teacher's "
-                    f"{tuple(t.shape)}; re-run setup with the probed shapes"
+                    f"{self.cfg.method}: aligned student feature {tuple(a.shape)} does not match the "
+                    f"teacher's {tuple(t.shape)}; re-run setup with the probed shapes"
                 )
             n, _, h, w = t.shape
-            # the paper's draw: zero where rand > 1 - lambda
             keep = torch.rand(n, 1, h, w, device=t.device) <= 1 - self.cfg.mask_ratio
-            loss = loss + (self.generators[i](a * keep) - t).pow(2).mean()
+            yield self.generators[i](a * keep), t
+
+    def forward(self, batch):
+        loss = 0.0
+        for g, t in self.generated(batch):
+            loss = loss + (g - t).pow(2).mean()
         return {"mgd": loss}
